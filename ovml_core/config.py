@@ -1,0 +1,268 @@
+"""One configuration for every job: dataclasses loaded from YAML, validated on load.
+
+`Config` holds a section per concern (model, video decoding, tagging, label bank, training).
+A bad value fails fast with a `ConfigError` that names the field, e.g. `model.temporal`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names the field."""
+
+
+def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(options)}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """What the model is: CLIP backbone, temporal branch, label encoder, frozen LLM."""
+
+    clip_model: str = "ovml-tiny"  # open_clip model name; JSON configs in ovml_core/model_configs
+    # open_clip pretrained tag ("openai"), "hf-hub:org/repo", or a local .safetensors/.bin file.
+    clip_pretrained: str | None = None
+    num_frames: int = 8
+    temporal: str = "divided"  # divided | neighbor | none
+    temporal_blocks: list[int] | None = None  # ViT block indices with the branch; None = all
+    label_encoder: str = "soft"  # prompt | soft | text
+    prompt_template: str = "a video of {}."
+    # "tiny-llama" (random, model_configs/tiny-llama.json), "smollm2" (offline GGUF),
+    # a hub id, a local folder, or a .gguf file.
+    llm: str = "tiny-llama"
+    attribute_instruction: str = "Describe what a video of this looks like:"
+    num_prefix: int = 4  # P learnable prefix vectors fed to the LLM
+    num_attributes: int = 8  # M generated attribute tokens
+    prompting_layers: int = 1  # depth of the prompting transformer (d_llm -> d_clip_text)
+    init_scale: float = math.log(10.0)  # logit scale is exp(scale)
+    init_bias: float = -10.0
+    seed: int = 0
+
+    def validate(self, prefix: str = "model") -> None:
+        _choice(f"{prefix}.temporal", self.temporal, ("divided", "neighbor", "none"))
+        _choice(f"{prefix}.label_encoder", self.label_encoder, ("prompt", "soft", "text"))
+        _positive(f"{prefix}.num_frames", self.num_frames)
+        _positive(f"{prefix}.num_prefix", self.num_prefix)
+        _positive(f"{prefix}.num_attributes", self.num_attributes)
+        _positive(f"{prefix}.prompting_layers", self.prompting_layers)
+        if "{}" not in self.prompt_template:
+            raise ConfigError(f"{prefix}.prompt_template: must contain '{{}}' for the label")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ModelConfig:
+        return Config.from_yaml(path).model
+
+
+@dataclass
+class VideoConfig:
+    """Decoding limits: untrusted video never decodes unbounded."""
+
+    max_pixels: int = 3840 * 2160  # width*height of the stream
+    max_duration_s: float = 4 * 3600.0
+    max_decode_s: float = 60.0  # wall-clock budget per video
+    decoder_threads: int = 2
+    # Sampling strategy: "auto" picks sequential for short videos and seek-per-sample otherwise.
+    mode: str = "auto"  # auto | sequential | seek
+    seek_min_duration_s: float = 30.0  # "auto" seeks when the video is at least this long
+
+    def validate(self, prefix: str = "video") -> None:
+        _choice(f"{prefix}.mode", self.mode, ("auto", "sequential", "seek"))
+        _positive(f"{prefix}.max_pixels", self.max_pixels)
+        _positive(f"{prefix}.max_duration_s", self.max_duration_s)
+        _positive(f"{prefix}.max_decode_s", self.max_decode_s)
+        _positive(f"{prefix}.decoder_threads", self.decoder_threads, allow_zero=True)
+
+
+@dataclass
+class TagConfig:
+    """The tagging job: thresholds and how the Ray stages are sized."""
+
+    threshold: float = 0.5
+    top_k: int = 5
+    batch_size: int = 8  # clips per encode batch
+    decode_num_cpus: float = 1.0  # CPUs per decode task
+    encode_actors: int = 1  # actor pool size of the encode stage (max when autoscaling)
+    encode_actors_min: int | None = None  # None = fixed pool of encode_actors
+    encode_num_cpus: float = 1.0
+    encode_num_gpus: float | None = None  # None = 1 when the cluster has GPUs, else 0
+    torch_threads: int = 1  # intra-op threads per encode actor
+    emit_embedding: bool = False
+    allowed_schemes: list[str] = field(default_factory=lambda: ["file", "s3", "gs"])
+
+    def validate(self, prefix: str = "tag") -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"{prefix}.threshold: must be in [0, 1], got {self.threshold!r}")
+        _positive(f"{prefix}.top_k", self.top_k, allow_zero=True)
+        _positive(f"{prefix}.batch_size", self.batch_size)
+        _positive(f"{prefix}.encode_actors", self.encode_actors)
+        _positive(f"{prefix}.torch_threads", self.torch_threads)
+        for s in self.allowed_schemes:
+            _choice(f"{prefix}.allowed_schemes", s, ("file", "s3", "gs"))
+
+
+@dataclass
+class LabelBankConfig:
+    """The label bank job: which LLM backend generates the attribute tokens."""
+
+    backend: str = "hf"  # hf (transformers) | vllm
+    batch_size: int = 16
+    actors: int = 1
+    num_gpus: float | None = None  # None = 1 when the cluster has GPUs, else 0
+
+    def validate(self, prefix: str = "label_bank") -> None:
+        _choice(f"{prefix}.backend", self.backend, ("hf", "vllm"))
+        _positive(f"{prefix}.batch_size", self.batch_size)
+        _positive(f"{prefix}.actors", self.actors)
+
+
+@dataclass
+class TrainConfig:
+    """Regularized fine-tuning with Ray Train."""
+
+    train_manifest: str | None = None
+    val_manifest: str | None = None
+    base_labels: list[str] | None = None  # None = every label in the train manifest
+    novel_labels: list[str] | None = None  # evaluated only, never trained on
+    storage_path: str = "runs"
+    name: str = "ovml-train"
+    num_workers: int = 1
+    use_gpu: bool = False
+    epochs: int = 1
+    batch_size: int = 8  # clips per worker per step
+    grad_accum: int = 1
+    lr: float = 1e-3
+    lr_temporal: float | None = None  # None = lr
+    lr_prefix: float | None = None
+    lr_prompting: float | None = None
+    lr_clip: float = 0.0  # > 0 unfreezes the CLIP vision tower at this learning rate
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    negatives_per_batch: int = 16
+    loss: str = "bce"  # bce | asl
+    attribute_refresh_steps: int = 50  # R: regenerate attribute token ids every R steps
+    regularizers: list[str] = field(default_factory=list)  # distill | l2sp | patch
+    distill_weight: float = 1.0
+    l2sp_weight: float = 0.01
+    patch_alpha: float = 0.5  # exported weights = alpha*pretrained + (1-alpha)*fine-tuned
+    patch_loss_weight: float = 0.0
+    max_failures: int = 1
+    checkpoint_every_steps: int = 0  # 0 = once per epoch
+    seed: int = 0
+
+    def validate(self, prefix: str = "train") -> None:
+        _choice(f"{prefix}.loss", self.loss, ("bce", "asl"))
+        for r in self.regularizers:
+            _choice(f"{prefix}.regularizers", r, ("distill", "l2sp", "patch"))
+        _positive(f"{prefix}.num_workers", self.num_workers)
+        _positive(f"{prefix}.epochs", self.epochs)
+        _positive(f"{prefix}.batch_size", self.batch_size)
+        _positive(f"{prefix}.grad_accum", self.grad_accum)
+        _positive(f"{prefix}.lr", self.lr)
+        _positive(f"{prefix}.attribute_refresh_steps", self.attribute_refresh_steps)
+        if not 0.0 <= self.patch_alpha <= 1.0:
+            raise ConfigError(f"{prefix}.patch_alpha: must be in [0, 1], got {self.patch_alpha!r}")
+
+
+@dataclass
+class Config:
+    """Everything a job needs. `Config.from_yaml(path, overrides=["model.temporal=none"])`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    tag: TagConfig = field(default_factory=TagConfig)
+    label_bank: LabelBankConfig = field(default_factory=LabelBankConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> Config:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Config:
+        return _build(cls, data or {}, "").validate()
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> Config:
+        data: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            data = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: top level must be a mapping of sections")
+        for item in overrides or []:
+            _apply_override(data, item)
+        return cls.from_dict(data)
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    """`section.key=value`, the value parsed as YAML (so `3`, `true`, `[a, b]` work)."""
+    key, sep, raw = item.partition("=")
+    if not sep or "." not in key:
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    section, name = key.strip().split(".", 1)
+    data.setdefault(section, {})[name] = yaml.safe_load(raw)
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in data.items():
+        path = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, path)
+        else:
+            kwargs[name] = _coerce(path, value, hint)
+    return cls(**kwargs)
+
+
+def _coerce(path: str, value: Any, hint: Any) -> Any:
+    """Check a YAML value against the field's type; ints are accepted where floats are."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (
+        not isinstance(value, hint) or (hint is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{path}: expected {hint.__name__}, got {value!r}")
+    return value
