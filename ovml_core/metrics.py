@@ -1,0 +1,162 @@
+"""Evaluation metrics for multi-label scores: macro mAP, base/novel mAP, calibration error.
+
+Inputs are `[N, L]` arrays (numpy or torch): N videos, L labels. Targets are 0/1.
+Average precision follows scikit-learn's definition (step-wise, ties grouped by score), so the
+numbers are comparable with published results; sklearn itself is only used in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+@dataclass(frozen=True)
+class MAPResult:
+    """Macro mAP over the labels that have at least one positive.
+
+    `value` is NaN when no label has a positive. `per_label` holds each label's AP, NaN for the
+    skipped ones. `float(result)` gives `value`.
+    """
+
+    value: float
+    num_scored: int
+    num_skipped: int
+    per_label: np.ndarray
+
+    def __float__(self) -> float:
+        return self.value
+
+
+def _as_matrix(x: ArrayLike, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D [videos, labels] array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name}: contains NaN or infinite values")
+    return x
+
+
+def _scores_and_targets(scores: ArrayLike, targets: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    scores = _as_matrix(scores, "scores")
+    targets = _as_matrix(targets, "targets")
+    if scores.shape != targets.shape:
+        raise ValueError(f"scores {scores.shape} and targets {targets.shape} differ in shape")
+    if not np.isin(targets, (0.0, 1.0)).all():
+        raise ValueError("targets: must contain only 0 and 1")
+    return scores, targets
+
+
+def _average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """AP of one label: sum over distinct score thresholds of (recall step) * precision."""
+    order = np.argsort(-scores, kind="stable")
+    scores, targets = scores[order], targets[order]
+    # The last position of each run of equal scores is one threshold: ties count together.
+    threshold_ends = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    true_pos = np.cumsum(targets)[threshold_ends]
+    precision = true_pos / (threshold_ends + 1)
+    recall = true_pos / true_pos[-1]
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def average_precision_per_label(scores: ArrayLike, targets: ArrayLike) -> np.ndarray:
+    """AP of each label column, shape [L]; NaN where the label has no positive."""
+    scores, targets = _scores_and_targets(scores, targets)
+    return np.array(
+        [
+            _average_precision(scores[:, j], targets[:, j]) if targets[:, j].any() else math.nan
+            for j in range(scores.shape[1])
+        ]
+    )
+
+
+def mean_average_precision(scores: ArrayLike, targets: ArrayLike) -> MAPResult:
+    """Macro mAP over labels with >= 1 positive; labels without one are skipped and counted."""
+    per_label = average_precision_per_label(scores, targets)
+    scored = ~np.isnan(per_label)
+    value = float(per_label[scored].mean()) if scored.any() else math.nan
+    return MAPResult(value, int(scored.sum()), int((~scored).sum()), per_label)
+
+
+def _label_columns(labels: Sequence[str], subset: Iterable[str], name: str) -> list[int]:
+    column = {label: j for j, label in enumerate(labels)}
+    subset = list(subset)
+    missing = [label for label in subset if label not in column]
+    if missing:
+        raise ValueError(f"{name}: labels not among the scored labels: {missing[:5]}")
+    return [column[label] for label in subset]
+
+
+def subset_map(
+    scores: ArrayLike, targets: ArrayLike, labels: Sequence[str], subset: Iterable[str]
+) -> MAPResult:
+    """Macro mAP restricted to the columns named in `subset`; `labels` names all L columns."""
+    scores, targets = _scores_and_targets(scores, targets)
+    if len(labels) != scores.shape[1]:
+        raise ValueError(f"labels: {len(labels)} names for {scores.shape[1]} score columns")
+    columns = _label_columns(labels, subset, "subset")
+    return mean_average_precision(scores[:, columns], targets[:, columns])
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    """2ab / (a + b); 0 when both are 0, NaN when either is NaN."""
+    if math.isnan(a) or math.isnan(b):
+        return math.nan
+    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+
+def base_novel_map(
+    scores: ArrayLike,
+    targets: ArrayLike,
+    labels: Sequence[str],
+    base: Iterable[str],
+    novel: Iterable[str],
+) -> dict[str, float | int]:
+    """mAP on the base and the novel labels and their harmonic mean (the open-vocabulary score).
+
+    Also reports how many labels of each subset were skipped for having no positive.
+    """
+    base, novel = list(base), list(novel)
+    overlap = sorted(set(base) & set(novel))
+    if overlap:
+        raise ValueError(f"base and novel labels overlap: {overlap[:5]}")
+    base_result = subset_map(scores, targets, labels, base)
+    novel_result = subset_map(scores, targets, labels, novel)
+    return {
+        "map_base": base_result.value,
+        "map_novel": novel_result.value,
+        "harmonic_mean": harmonic_mean(base_result.value, novel_result.value),
+        "num_base_skipped": base_result.num_skipped,
+        "num_novel_skipped": novel_result.num_skipped,
+    }
+
+
+def expected_calibration_error(probs: ArrayLike, targets: ArrayLike, num_bins: int = 15) -> float:
+    """ECE of multi-label probabilities: every (video, label) pair is one binary prediction.
+
+    Pairs are binned by predicted probability into `num_bins` equal-width bins [k/n, (k+1)/n)
+    (1.0 falls in the last); ECE = sum over bins of (pairs in bin / all pairs) *
+    |mean probability - fraction of positives|.
+    """
+    if num_bins < 1:
+        raise ValueError(f"num_bins: must be >= 1, got {num_bins}")
+    probs, targets = _scores_and_targets(probs, targets)
+    if probs.size == 0:
+        raise ValueError("probs: no predictions to calibrate")
+    if probs.min() < 0.0 or probs.max() > 1.0:
+        raise ValueError("probs: must lie in [0, 1]")
+    probs, targets = probs.ravel(), targets.ravel()
+    bins = np.minimum((probs * num_bins).astype(np.int64), num_bins - 1)
+    # Per bin, (count / N) * |mean p - mean y| equals |sum p - sum y| / N.
+    gap = np.bincount(bins, weights=probs, minlength=num_bins) - np.bincount(
+        bins, weights=targets, minlength=num_bins
+    )
+    return float(np.abs(gap).sum() / probs.size)
