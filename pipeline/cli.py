@@ -1,0 +1,35 @@
+"""`ovml <command> ...`: one CLI in front of the jobs (the same code `jobs/*.py` run)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module with `main(argv)`, one-line help). Modules import Ray lazily, on use.
+COMMANDS = {
+    "tag": ("pipeline.tagging", "tag videos with any vocabulary (jobs/tag.py)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="ovml",
+        description="Open-vocabulary multi-label video tagging on Ray.",
+        epilog="Run `ovml <command> --help` for a command's options.",
+    )
+    parser.add_argument(
+        "command",
+        choices=sorted(COMMANDS),
+        metavar="command",
+        help="; ".join(f"{k}: {v[1]}" for k, v in sorted(COMMANDS.items())),
+    )
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    ns = parser.parse_args(argv[:1] if argv and not argv[0].startswith("-") else argv)
+    module = importlib.import_module(COMMANDS[ns.command][0])
+    return module.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
