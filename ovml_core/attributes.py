@@ -92,6 +92,10 @@ class SoftAttributeEncoder(nn.Module):
             self._attribute_ids.update(zip(missing, generated, strict=True))
         return [self._attribute_ids[label] for label in labels]
 
+    def set_attribute_ids(self, labels: list[str], ids: list[list[int]]) -> None:
+        """Use ids generated elsewhere (e.g. by a vLLM engine with the same prefix)."""
+        self._attribute_ids.update(zip(labels, ids, strict=True))
+
     def refresh(self, labels: list[str] | None = None) -> None:
         """Forget cached ids (all, or for some labels) so the next call regenerates them."""
         if labels is None:
