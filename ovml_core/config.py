@@ -77,9 +77,9 @@ class VideoConfig:
     max_duration_s: float = 4 * 3600.0
     max_decode_s: float = 60.0  # wall-clock budget per video
     decoder_threads: int = 2
-    # Sampling strategy: "auto" picks sequential for short videos and seek-per-sample otherwise.
+    # auto: decode on, and seek only when a keyframe lies before the next sampled frame (one
+    # pass for short clips, a seek per sample for long ones). sequential / seek: never / always.
     mode: str = "auto"  # auto | sequential | seek
-    seek_min_duration_s: float = 30.0  # "auto" seeks when the video is at least this long
 
     def validate(self, prefix: str = "video") -> None:
         _choice(f"{prefix}.mode", self.mode, ("auto", "sequential", "seek"))
@@ -104,6 +104,8 @@ class TagConfig:
     torch_threads: int = 1  # intra-op threads per encode actor
     emit_embedding: bool = False
     allowed_schemes: list[str] = field(default_factory=lambda: ["file", "s3", "gs"])
+    retry_errors: bool = True  # rerun videos whose current row has an error
+    rows_per_file: int = 1000  # rows per output part file (what a killed run can lose, at most)
 
     def validate(self, prefix: str = "tag") -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -112,6 +114,7 @@ class TagConfig:
         _positive(f"{prefix}.batch_size", self.batch_size)
         _positive(f"{prefix}.encode_actors", self.encode_actors)
         _positive(f"{prefix}.torch_threads", self.torch_threads)
+        _positive(f"{prefix}.rows_per_file", self.rows_per_file)
         for s in self.allowed_schemes:
             _choice(f"{prefix}.allowed_schemes", s, ("file", "s3", "gs"))
 

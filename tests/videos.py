@@ -17,7 +17,8 @@ import numpy as np
 
 # name -> (PyAV encoder, container suffix, encoder options)
 CODECS: dict[str, tuple[str, str, dict[str, str]]] = {
-    "h264": ("libx264", "mp4", {"preset": "veryfast"}),  # veryfast still emits B-frames
+    # veryfast still emits B-frames; no scene-cut keyframes, so keyframes sit every `gop` frames.
+    "h264": ("libx264", "mp4", {"preset": "veryfast", "sc_threshold": "0"}),
     "mpeg4": ("mpeg4", "avi", {"qscale": "2"}),
     "vp9": ("libvpx-vp9", "webm", {"deadline": "realtime", "cpu-used": "8", "crf": "20"}),
 }
@@ -67,12 +68,14 @@ def write_video(
     rotation: int = 0,
     gop: int | None = None,
     audio_s: float | None = None,
+    faststart: bool = False,
 ) -> Path:
     """Encode RGB frames [H, W, 3] (H and W even) with PyAV and return the path.
 
     times_s: explicit presentation times (variable frame rate, or a stream that starts late);
     default is a constant `fps`. rotation: display-matrix rotation in degrees counter-clockwise.
     gop: keyframe interval in frames. audio_s: add a silent AAC track of that length from t=0.
+    faststart: put the mp4 index before the frames (then a truncated copy still opens).
     """
     encoder, _, options = CODECS[codec]
     options = dict(options, **({"g": str(gop)} if gop else {}))
@@ -83,7 +86,8 @@ def write_video(
         raise ValueError(f"{len(times_s)} times for {len(frames)} frames")
     height, width = frames[0].shape[:2]
     path = Path(path)
-    with av.open(str(path), "w") as container:
+    options_out = {"movflags": "+faststart"} if faststart else {}
+    with av.open(str(path), "w", options=options_out) as container:
         stream = container.add_stream(encoder, rate=fps, options=options)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if times_s is not None:

@@ -1,0 +1,360 @@
+"""Bounded frame sampling with PyAV: T frames at the centres of T equal segments of a video.
+
+`sample_frames` first demuxes the video stream without decoding it (about 2% of the cost of a
+decode) to learn every frame's presentation time and where the keyframes are. That table gives
+an exact duration for any container or frame rate, and a decode plan: decode straight on while
+no keyframe lies between the current position and the next target, seek when one does. Short
+clips therefore decode in one pass and long ones seek per sample, without a length threshold.
+Only the chosen frames are converted to RGB, resized and centre-cropped by swscale.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import av
+import numpy as np
+
+from ovml_core.config import VideoConfig
+
+
+class VideoDecodeError(Exception):
+    """A video cannot be sampled; the message names the input and what is wrong with it."""
+
+
+@dataclass
+class _FrameTable:
+    """Presentation times of the stream's frames, from a demux pass (stream time_base ticks).
+
+    Without timestamps (raw elementary streams) times are frame ordinals and `has_pts` is False.
+    """
+
+    times: list[int]  # sorted
+    keyframes: list[int]  # sorted
+    end: int  # time just after the last frame
+    has_pts: bool
+
+    @property
+    def start(self) -> int:
+        return self.times[0]
+
+
+class _Deadline:
+    def __init__(self, uri: str, seconds: float):
+        self.uri, self.seconds = uri, seconds
+        self.started = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def check(self) -> None:
+        if self.elapsed() > self.seconds:
+            raise VideoDecodeError(
+                f"{self.uri}: decoding took longer than video.max_decode_s={self.seconds:g} s"
+            )
+
+
+def sample_frames(
+    uri: str | os.PathLike,
+    num_frames: int,
+    size: int,
+    limits: VideoConfig | None = None,
+    filesystem: Any = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode `num_frames` frames at the centres of equal segments, as uint8 [T, size, size, 3].
+
+    Each frame is resized so its shorter side is `size`, centre-cropped, and turned upright by
+    its rotation metadata. A video with fewer frames than T repeats frames. `uri` is a local
+    path, a file:// URI, or any URI pyarrow.fs understands (s3://, gs://); with `filesystem` (a
+    pyarrow FileSystem) it is a path inside that filesystem. `limits` bounds pixels, duration
+    and wall-clock decode time. Raises VideoDecodeError for anything that is not a readable video
+    within the limits. Meta: duration_s, fps, codec, width and height (as displayed), rotation,
+    frame_count, frame_times_s (of the sampled frames, from the stream's start), seeks, decode_s.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    limits = limits or VideoConfig()
+    uri = os.fspath(uri)
+    deadline = _Deadline(uri, limits.max_decode_s)
+    with _opened_source(uri, filesystem) as source:
+        with _container(uri, source) as container:
+            stream = _checked_video_stream(uri, container, limits)
+            table = _frame_table(uri, container, stream, deadline)
+        duration_s = float((table.end - table.start) * _tick(stream, table))
+        if duration_s > limits.max_duration_s:
+            raise VideoDecodeError(_too_long(uri, duration_s, limits))
+        targets = _segment_centres(table, num_frames)
+        with _container(uri, source) as container:
+            stream = _configured_stream(container, limits)
+            frames, picked, rotation, seeks = _decode_targets(
+                uri, container, stream, table, targets, size, limits.mode, deadline
+            )
+    width, height = (
+        (stream.height, stream.width) if rotation % 180 else (stream.width, stream.height)
+    )
+    meta = {
+        "duration_s": duration_s,
+        "fps": len(table.times) / duration_s if duration_s > 0 else 0.0,
+        "codec": stream.codec_context.name,
+        "width": width,
+        "height": height,
+        "rotation": rotation,
+        "frame_count": len(table.times),
+        "frame_times_s": [float((t - table.start) * _tick(stream, table)) for t in picked],
+        "seeks": seeks,
+        "decode_s": deadline.elapsed(),
+    }
+    return frames, meta
+
+
+def _tick(stream: av.video.stream.VideoStream, table: _FrameTable) -> Fraction:
+    """Seconds per unit of the table's times."""
+    if table.has_pts:
+        return Fraction(stream.time_base)
+    rate = stream.average_rate or stream.guessed_rate or 25
+    return 1 / Fraction(rate)
+
+
+def _too_long(uri: str, duration_s: float, limits: VideoConfig) -> str:
+    return f"{uri}: {duration_s:.0f} s long, over video.max_duration_s={limits.max_duration_s:g}"
+
+
+@contextlib.contextmanager
+def _opened_source(uri: str, filesystem: Any) -> Iterator[str | Any]:
+    """A local path, or an open pyarrow input file for remote storage."""
+    if filesystem is None:
+        parsed = urlparse(uri)
+        if parsed.scheme == "file":
+            uri = unquote(parsed.path)
+        elif len(parsed.scheme) > 1:  # one letter is a Windows drive
+            filesystem, uri = _remote_filesystem(uri)
+    if filesystem is None:
+        _check_local_file(uri)
+        yield uri
+        return
+    try:
+        handle = filesystem.open_input_file(uri)
+    except (OSError, ValueError) as err:
+        raise VideoDecodeError(f"{uri}: cannot open: {err}") from err
+    with handle:
+        yield handle
+
+
+def _remote_filesystem(uri: str) -> tuple[Any, str]:
+    import pyarrow.fs  # only remote inputs need it
+
+    try:
+        return pyarrow.fs.FileSystem.from_uri(uri)
+    except (OSError, ValueError) as err:
+        raise VideoDecodeError(f"{uri}: unsupported or unreachable location: {err}") from err
+
+
+def _check_local_file(path: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise VideoDecodeError(f"{path}: file not found")
+    if not p.is_file():  # a FIFO or device would block the demuxer
+        raise VideoDecodeError(f"{path}: not a regular file")
+    if p.stat().st_size == 0:
+        raise VideoDecodeError(f"{path}: empty file")
+
+
+@contextlib.contextmanager
+def _container(uri: str, source: str | Any) -> Iterator[av.container.InputContainer]:
+    """Open `source` with PyAV; every FFmpeg failure inside becomes a VideoDecodeError."""
+    if not isinstance(source, str):
+        source.seek(0)
+    try:
+        with av.open(source, metadata_errors="ignore") as container:
+            yield container
+    except av.FFmpegError as err:
+        raise VideoDecodeError(f"{uri}: not a readable video: {err}") from err
+    except OSError as err:  # remote reads
+        raise VideoDecodeError(f"{uri}: read failed: {err}") from err
+
+
+def _checked_video_stream(
+    uri: str, container: av.container.InputContainer, limits: VideoConfig
+) -> av.video.stream.VideoStream:
+    if not container.streams.video:
+        kinds = ", ".join(s.type for s in container.streams) or "none"
+        raise VideoDecodeError(f"{uri}: no video stream (streams: {kinds})")
+    stream = container.streams.best("video")
+    pixels = stream.width * stream.height
+    if pixels > limits.max_pixels:
+        raise VideoDecodeError(
+            f"{uri}: {stream.width}x{stream.height} frames, over video.max_pixels={limits.max_pixels}"
+        )
+    # Refuse an overlong video before reading it; the demuxed length is checked again later.
+    declared_s = (
+        float(stream.duration * stream.time_base)
+        if stream.duration
+        else (container.duration or 0) / av.time_base
+    )
+    if declared_s > limits.max_duration_s:
+        raise VideoDecodeError(_too_long(uri, declared_s, limits))
+    return stream
+
+
+def _configured_stream(
+    container: av.container.InputContainer, limits: VideoConfig
+) -> av.video.stream.VideoStream:
+    stream = container.streams.best("video")
+    stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = limits.decoder_threads
+    return stream
+
+
+def _frame_table(
+    uri: str,
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    deadline: _Deadline,
+) -> _FrameTable:
+    """Demux (no decode) the video stream: every frame's time, the keyframes, the end time."""
+    times, keyframes, durations = [], [], []
+    for packet in container.demux(stream):
+        if packet.size == 0:  # the demuxer's final flush packet
+            continue
+        deadline.check()
+        times.append(packet.pts)
+        durations.append(packet.duration or 0)
+        if packet.is_keyframe:
+            keyframes.append(packet.pts if packet.pts is not None else len(times) - 1)
+    if not times:
+        raise VideoDecodeError(f"{uri}: the video stream has no frames")
+    if stream.frames and len(times) < stream.frames:
+        raise VideoDecodeError(
+            f"{uri}: truncated: {len(times)} of the {stream.frames} frames it lists are present"
+        )
+    if any(t is None for t in times):
+        count = len(times)
+        return _FrameTable(list(range(count)), keyframes, count, has_pts=False)
+    order = sorted(range(len(times)), key=times.__getitem__)
+    times = [times[i] for i in order]
+    deltas = np.diff(times)
+    last_duration = durations[order[-1]] or (int(np.median(deltas)) if len(deltas) else 1)
+    table = _FrameTable(times, sorted(keyframes), times[-1] + max(last_duration, 1), True)
+    _check_complete(uri, container, stream, table)
+    return table
+
+
+def _check_complete(
+    uri: str,
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    table: _FrameTable,
+) -> None:
+    """A lone video stream that ends well before the container's declared duration was cut off.
+
+    Containers declare either the length or the end time; the end time is >= the length, so
+    comparing it with the declared value is right for both. Other streams may outlast the video.
+    """
+    if len(container.streams) != 1 or not container.duration:
+        return
+    end_s = float(table.end * stream.time_base)
+    declared_s = container.duration / av.time_base
+    if end_s < 0.9 * declared_s:
+        raise VideoDecodeError(
+            f"{uri}: truncated: frames end at {end_s:.2f} s of {declared_s:.2f} s"
+        )
+
+
+def _segment_centres(table: _FrameTable, num_frames: int) -> list[Fraction]:
+    """Exact times (table units) of the centres of `num_frames` equal segments of the stream."""
+    length = table.end - table.start
+    return [table.start + Fraction((2 * i + 1) * length, 2 * num_frames) for i in range(num_frames)]
+
+
+def _should_seek(mode: str, table: _FrameTable, position: int | None, target: Fraction) -> bool:
+    """Seek when it skips decoding: a keyframe lies after `position` and at or before `target`."""
+    if not table.has_pts or mode == "sequential":
+        return False
+    if mode == "seek":
+        return True
+    after = table.start if position is None else position
+    i = bisect.bisect_right(table.keyframes, after)
+    return i < len(table.keyframes) and table.keyframes[i] <= target
+
+
+def _decode_targets(
+    uri: str,
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    table: _FrameTable,
+    targets: list[Fraction],
+    size: int,
+    mode: str,
+    deadline: _Deadline,
+) -> tuple[np.ndarray, list[int], int, int]:
+    """For each target, the frame displayed at that time (the last one starting at or before it).
+
+    Returns the frames, their times, the rotation in degrees and the number of seeks.
+    """
+    out = np.empty((len(targets), size, size, 3), np.uint8)
+    picked: list[int] = []
+    rotation = seeks = 0
+    position: int | None = None
+    pixel_aspect = Fraction(stream.sample_aspect_ratio or 1)
+    while len(picked) < len(targets):
+        target = targets[len(picked)]
+        if _should_seek(mode, table, position, target):
+            container.seek(int(target), stream=stream)  # to the keyframe at or before
+            seeks += 1
+        resolved_in_run = len(picked)
+        prev = prev_time = None
+        cached: tuple[Any, np.ndarray] | None = None
+        for ordinal, frame in enumerate(container.decode(stream)):
+            deadline.check()
+            t = frame.pts if table.has_pts and frame.pts is not None else ordinal
+            while len(picked) < len(targets) and t > targets[len(picked)]:
+                # An overshooting seek leaves no earlier frame: the nearest one is this.
+                chosen, chosen_time = (frame, t) if prev is None else (prev, prev_time)
+                if cached is None or cached[0] is not chosen:
+                    rotation = _upright_degrees(chosen)
+                    cached = (chosen, _square_rgb(chosen, size, rotation, pixel_aspect))
+                out[len(picked)] = cached[1]
+                picked.append(chosen_time)
+            prev, prev_time, position = frame, t, t
+            if len(picked) == len(targets):
+                break
+            if len(picked) > resolved_in_run and _should_seek(
+                mode, table, position, targets[len(picked)]
+            ):
+                break
+        else:  # end of stream: the last frame is displayed until the end
+            if prev is None:
+                raise VideoDecodeError(f"{uri}: no decodable frames")
+            rotation = _upright_degrees(prev)
+            out[len(picked) :] = _square_rgb(prev, size, rotation, pixel_aspect)
+            picked += [prev_time] * (len(targets) - len(picked))
+    return out, picked, rotation, seeks
+
+
+def _upright_degrees(frame: av.VideoFrame) -> int:
+    """Counter-clockwise rotation (a multiple of 90) that shows the frame as intended."""
+    return round(frame.rotation / 90) % 4 * 90
+
+
+def _square_rgb(
+    frame: av.VideoFrame, size: int, rotation: int, pixel_aspect: Fraction
+) -> np.ndarray:
+    """Shorter side to `size` (in swscale, honouring non-square pixels), centre crop, upright."""
+    aspect = frame.width * pixel_aspect / frame.height
+    scale_w, scale_h = (size * aspect, size) if aspect >= 1 else (size, size / aspect)
+    width, height = max(size, round(scale_w)), max(size, round(scale_h))
+    rgb = frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+    top, left = (height - size) // 2, (width - size) // 2
+    square = rgb[top : top + size, left : left + size]
+    return np.rot90(square, k=rotation // 90) if rotation else square
