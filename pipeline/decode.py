@@ -1,0 +1,72 @@
+"""The decode step of every Ray Data plan: a manifest row in, the same row with frames out.
+
+`decode_video` is a plain function for `Dataset.map` (tagging and training both use it):
+
+    ds.map(decode_video, fn_kwargs=dict(num_frames=8, size=224, limits=cfg.video), num_cpus=1)
+
+It never raises for bad input. A video that cannot be sampled (missing, corrupt, truncated, not
+a video, over the limits, a scheme outside the allow-list) gets `error` set and all-zero
+frames, so every block keeps one fixed tensor shape; consumers must ignore frames of error rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from ovml_core.config import VideoConfig
+from ovml_core.video import sample_frames
+from pipeline.manifest import Filesystems, check_scheme, resolve, uri_scheme
+
+# Columns decode_video adds to a manifest row.
+DECODED_COLUMNS = ("frames", "num_frames", "duration_s", "error")
+
+
+def decode_video(
+    row: dict[str, Any],
+    *,
+    num_frames: int,
+    size: int,
+    limits: VideoConfig | None = None,
+    allowed_schemes: Iterable[str] = ("file", "s3", "gs"),
+    filesystems: Filesystems | None = None,
+) -> dict[str, Any]:
+    """`row` (with `uri`) plus frames uint8 [T, size, size, 3], num_frames (in the video),
+    duration_s and error (None when the frames are valid)."""
+    uri = row.get("uri") or ""
+    try:
+        if not uri:
+            raise ValueError("empty uri")
+        check_scheme(uri, allowed_schemes)
+        frames, meta = _sample(uri, num_frames, size, limits, filesystems)
+    # Untrusted input: whatever goes wrong with one video becomes that video's error row.
+    except Exception as err:  # noqa: BLE001
+        return {
+            **row,
+            "frames": np.zeros((num_frames, size, size, 3), np.uint8),
+            "num_frames": None,
+            "duration_s": None,
+            "error": f"{type(err).__name__}: {err}",
+        }
+    return {
+        **row,
+        "frames": frames,
+        "num_frames": meta["frame_count"],
+        "duration_s": meta["duration_s"],
+        "error": None,
+    }
+
+
+def _sample(
+    uri: str,
+    num_frames: int,
+    size: int,
+    limits: VideoConfig | None,
+    filesystems: Filesystems | None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    if uri_scheme(uri) == "file":
+        return sample_frames(uri, num_frames, size, limits)  # PyAV reads local files directly
+    fs, path = resolve(uri, filesystems)
+    return sample_frames(path, num_frames, size, limits, filesystem=fs)

@@ -1,0 +1,198 @@
+"""Parquet contracts of DESIGN.md §3 as pyarrow schemas, atomic part files, and their readers.
+
+An output directory holds part files `part-<run_id>-<n>.parquet`, each written under a hidden
+temporary name and renamed when complete, so a reader (or a rerun after a kill) only ever sees
+whole files. Each run writes one row per video it processed. The *current* tags of a directory
+are, per video_id, the row of the latest run (`read_tags`): run ids sort by start time, so a
+rerun that retries a video supersedes the older row and nothing is rewritten in place.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray.data import Datasink
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource.datasink import WriteResult
+
+from pipeline.manifest import Filesystems, resolve
+
+PART_PREFIX = "part-"
+PART_SUFFIX = ".parquet"
+TEMP_PREFIX = "."  # hidden while being written; readers skip it
+
+TAG_STRUCT = pa.struct([("label", pa.string()), ("score", pa.float32())])
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("labels", pa.list_(pa.string())),
+        pa.field("split", pa.string()),
+    ]
+)
+
+# The columns that decide whether a video needs (re)tagging; read without the tags themselves.
+INDEX_COLUMNS = ["video_id", "uri", "error", "model_fingerprint", "run_id"]
+
+
+def tags_schema(embedding_dim: int | None = None) -> pa.Schema:
+    """Tags output; `embedding` (fixed_size_list<float32>[D]) only when embeddings are emitted."""
+    fields = [
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("tags", pa.list_(TAG_STRUCT)),  # score >= threshold, highest first
+        pa.field("top_k", pa.list_(TAG_STRUCT)),  # the k highest, whatever their score
+    ]
+    if embedding_dim:
+        fields.append(pa.field("embedding", pa.list_(pa.float32(), embedding_dim)))
+    fields += [
+        pa.field("num_frames", pa.int32()),  # frames in the video stream
+        pa.field("duration_s", pa.float64()),
+        pa.field("error", pa.string()),  # null when the video was tagged
+        pa.field("model_fingerprint", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+    return pa.schema(fields)
+
+
+def label_bank_schema(embedding_dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("label", pa.string(), nullable=False),
+            pa.field("embedding", pa.list_(pa.float32(), embedding_dim), nullable=False),
+            pa.field("attributes", pa.string()),  # generated attribute tokens, decoded
+            pa.field("model_fingerprint", pa.string(), nullable=False),
+        ]
+    )
+
+
+def new_run_id() -> str:
+    """Sorts by start time (UTC, microseconds); the suffix keeps simultaneous runs apart."""
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:6]}"
+
+
+def write_parquet_atomic(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
+    """Write to a hidden temporary name next to `path`, then rename: never half a file."""
+    directory, name = posixpath.split(path)
+    temp = posixpath.join(directory, f"{TEMP_PREFIX}{name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with fs.open_output_stream(temp) as out:
+            pq.write_table(table, out)
+        fs.move(temp, path)
+    except BaseException:
+        if fs.get_file_info(temp).type == pafs.FileType.File:
+            fs.delete_file(temp)
+        raise
+
+
+def part_files(fs: pafs.FileSystem, directory: str) -> list[str]:
+    """Complete part files of an output directory (temporary files are hidden and skipped)."""
+    if fs.get_file_info(directory).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(directory))
+    names = (posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File)
+    return sorted(
+        posixpath.join(directory, n)
+        for n in names
+        if n.startswith(PART_PREFIX) and n.endswith(PART_SUFFIX)
+    )
+
+
+def read_parts(
+    fs: pafs.FileSystem, paths: Iterable[str], columns: list[str] | None = None
+) -> pa.Table | None:
+    tables = []
+    for path in paths:
+        with fs.open_input_file(path) as f:
+            tables.append(pq.read_table(f, columns=columns))
+    return pa.concat_tables(tables, promote_options="permissive") if tables else None
+
+
+def read_tags(
+    out: str, *, columns: list[str] | None = None, filesystems: Filesystems | None = None
+) -> pa.Table | None:
+    """The current tags of an output directory: exactly one row per video_id, from its latest
+    run. None when the directory holds no part files yet."""
+    fs, directory = resolve(out, filesystems)
+    needed = None if columns is None else list(dict.fromkeys([*columns, "video_id", "run_id"]))
+    table = read_parts(fs, part_files(fs, directory), needed)
+    if table is None:
+        return None
+    table = latest_per_video(table)
+    return table if columns is None else table.select(columns)
+
+
+def latest_per_video(table: pa.Table) -> pa.Table:
+    """Keep, for each video_id, the row with the greatest run_id."""
+    order = table.sort_by([("video_id", "ascending"), ("run_id", "descending")])
+    ids = order["video_id"].to_pylist()
+    first = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
+    return order.take(pa.array(first, pa.int64()))
+
+
+def read_label_bank(
+    path: str, filesystems: Filesystems | None = None
+) -> tuple[list[str], np.ndarray, list[str]]:
+    """(labels, float32 embeddings [L, D], distinct model fingerprints) of a label bank file."""
+    fs, local = resolve(path, filesystems)
+    with fs.open_input_file(local) as f:
+        table = pq.read_table(f, columns=["label", "embedding", "model_fingerprint"])
+    embeddings = table["embedding"].combine_chunks()
+    if not pa.types.is_fixed_size_list(embeddings.type):
+        raise ValueError(f"{path}: embedding must be fixed_size_list<float32>[D]")
+    dim = embeddings.type.list_size
+    matrix = embeddings.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    fingerprints = sorted(set(table["model_fingerprint"].to_pylist()))
+    return table["label"].to_pylist(), matrix.reshape(-1, dim), fingerprints
+
+
+class PartFileDatasink(Datasink[list[str]]):
+    """Ray Data sink: every write task commits its rows as one atomic part file of this run."""
+
+    def __init__(
+        self,
+        out: str,
+        run_id: str,
+        schema: pa.Schema,
+        *,
+        rows_per_file: int | None = None,
+        filesystems: Filesystems | None = None,
+    ):
+        self.out = out
+        self.run_id = run_id
+        self.schema = schema
+        self.rows_per_file = rows_per_file
+        self.filesystems = filesystems
+        self.written: list[str] = []  # part files committed, set on the driver at the end
+
+    @property
+    def min_rows_per_write(self) -> int | None:
+        return self.rows_per_file
+
+    def on_write_start(self, schema: pa.Schema | None = None) -> None:
+        fs, directory = resolve(self.out, self.filesystems)
+        fs.create_dir(directory, recursive=True)
+
+    def write(self, blocks: Iterable[Block], ctx) -> list[str]:
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return []
+        table = pa.concat_tables(tables).select(self.schema.names).cast(self.schema)
+        fs, directory = resolve(self.out, self.filesystems)
+        # task_idx orders files within a run; the random part keeps a retried task's file apart.
+        name = f"{PART_PREFIX}{self.run_id}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:6]}{PART_SUFFIX}"
+        path = posixpath.join(directory, name)
+        write_parquet_atomic(table, fs, path)
+        return [path]
+
+    def on_write_complete(self, write_result: WriteResult[list[str]]) -> None:
+        self.written = sorted(p for paths in write_result.write_returns for p in paths)
