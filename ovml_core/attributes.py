@@ -143,13 +143,22 @@ class LabelEncoder(nn.Module):
     def prompt_features(self, labels: list[str]) -> torch.Tensor:
         return self.text.encode_texts([self.template.format(label) for label in labels])
 
+    @staticmethod
+    def description_prompts(labels: list[str]) -> list[str]:
+        return [TEXT_DESCRIPTION_PROMPT.format(label) for label in labels]
+
     def descriptions(self, labels: list[str]) -> list[str]:
         missing = [label for label in dict.fromkeys(labels) if label not in self._descriptions]
         if missing:
-            prompts = [TEXT_DESCRIPTION_PROMPT.format(label) for label in missing]
-            written = self.llm.generate_text(prompts, TEXT_DESCRIPTION_TOKENS)
+            written = self.llm.generate_text(
+                self.description_prompts(missing), TEXT_DESCRIPTION_TOKENS
+            )
             self._descriptions.update(zip(missing, written, strict=True))
         return [self._descriptions[label] for label in labels]
+
+    def set_descriptions(self, labels: list[str], texts: list[str]) -> None:
+        """Use descriptions written elsewhere (e.g. by a vLLM engine from the same prompts)."""
+        self._descriptions.update(zip(labels, texts, strict=True))
 
     def attributes(self, labels: list[str]) -> list[str]:
         """What the LLM produced per label (empty for `prompt`)."""

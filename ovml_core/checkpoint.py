@@ -57,7 +57,7 @@ def model_fingerprint(model: OVMLModel) -> str:
     for key, tensor in sorted(checkpoint_state(model).items()):
         tensor = tensor.detach().to("cpu").contiguous()
         digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

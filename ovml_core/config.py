@@ -127,11 +127,23 @@ class LabelBankConfig:
     batch_size: int = 16
     actors: int = 1
     num_gpus: float | None = None  # None = 1 when the cluster has GPUs, else 0
+    num_cpus: float = 1.0  # CPUs per actor
+    torch_threads: int = 1  # intra-op threads per actor
+    # Share of GPU memory the vLLM engine takes; the rest holds the frozen LLM of the
+    # teacher-forced pass and the CLIP text tower.
+    vllm_gpu_memory_utilization: float = 0.5
 
     def validate(self, prefix: str = "label_bank") -> None:
         _choice(f"{prefix}.backend", self.backend, ("hf", "vllm"))
         _positive(f"{prefix}.batch_size", self.batch_size)
         _positive(f"{prefix}.actors", self.actors)
+        _positive(f"{prefix}.num_cpus", self.num_cpus, allow_zero=True)
+        _positive(f"{prefix}.torch_threads", self.torch_threads)
+        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+            raise ConfigError(
+                f"{prefix}.vllm_gpu_memory_utilization: must be in (0, 1], "
+                f"got {self.vllm_gpu_memory_utilization!r}"
+            )
 
 
 @dataclass

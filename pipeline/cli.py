@@ -9,6 +9,7 @@ import sys
 # command -> (module with `main(argv)`, one-line help). Modules import Ray lazily, on use.
 COMMANDS = {
     "tag": ("pipeline.tagging", "tag videos with any vocabulary (jobs/tag.py)"),
+    "labels": ("pipeline.label_bank", "build or update a label bank (jobs/build_label_bank.py)"),
 }
 
 
