@@ -26,6 +26,9 @@ import numpy as np
 
 from ovml_core.config import VideoConfig
 
+# PyAV reads file objects in chunks of this size; for object stores each read is a request.
+_REMOTE_READ_BYTES = 1 << 20
+
 
 class VideoDecodeError(Exception):
     """A video cannot be sampled; the message names the input and what is wrong with it."""
@@ -91,7 +94,7 @@ def sample_frames(
         with _container(uri, source) as container:
             stream = _checked_video_stream(uri, container, limits)
             table = _frame_table(uri, container, stream, deadline)
-        duration_s = float((table.end - table.start) * _tick(stream, table))
+            duration_s = float((table.end - table.start) * _tick(stream, table))
         if duration_s > limits.max_duration_s:
             raise VideoDecodeError(_too_long(uri, duration_s, limits))
         targets = _segment_centres(table, num_frames)
@@ -100,18 +103,19 @@ def sample_frames(
             frames, picked, rotation, seeks = _decode_targets(
                 uri, container, stream, table, targets, size, limits.mode, deadline
             )
-    width, height = (
-        (stream.height, stream.width) if rotation % 180 else (stream.width, stream.height)
-    )
+            tick, codec = _tick(stream, table), stream.codec_context.name
+            width, height = stream.width, stream.height
+    if rotation % 180:
+        width, height = height, width
     meta = {
         "duration_s": duration_s,
         "fps": len(table.times) / duration_s if duration_s > 0 else 0.0,
-        "codec": stream.codec_context.name,
+        "codec": codec,
         "width": width,
         "height": height,
         "rotation": rotation,
         "frame_count": len(table.times),
-        "frame_times_s": [float((t - table.start) * _tick(stream, table)) for t in picked],
+        "frame_times_s": [float((t - table.start) * tick) for t in picked],
         "seeks": seeks,
         "decode_s": deadline.elapsed(),
     }
@@ -173,10 +177,12 @@ def _check_local_file(path: str) -> None:
 @contextlib.contextmanager
 def _container(uri: str, source: str | Any) -> Iterator[av.container.InputContainer]:
     """Open `source` with PyAV; every FFmpeg failure inside becomes a VideoDecodeError."""
+    options: dict[str, Any] = {"metadata_errors": "ignore"}
     if not isinstance(source, str):
         source.seek(0)
+        options["buffer_size"] = _REMOTE_READ_BYTES
     try:
-        with av.open(source, metadata_errors="ignore") as container:
+        with av.open(source, **options) as container:
             yield container
     except av.FFmpegError as err:
         raise VideoDecodeError(f"{uri}: not a readable video: {err}") from err
@@ -224,19 +230,23 @@ def _frame_table(
 ) -> _FrameTable:
     """Demux (no decode) the video stream: every frame's time, the keyframes, the end time."""
     times, keyframes, durations = [], [], []
+    packets = 0
     for packet in container.demux(stream):
         if packet.size == 0:  # the demuxer's final flush packet
             continue
         deadline.check()
+        packets += 1
+        if packet.is_keyframe:
+            keyframes.append(packet.pts if packet.pts is not None else len(times))
+        if packet.is_discard:  # before an edit list's start: decoded, never shown
+            continue
         times.append(packet.pts)
         durations.append(packet.duration or 0)
-        if packet.is_keyframe:
-            keyframes.append(packet.pts if packet.pts is not None else len(times) - 1)
     if not times:
         raise VideoDecodeError(f"{uri}: the video stream has no frames")
-    if stream.frames and len(times) < stream.frames:
+    if stream.frames and packets < stream.frames:
         raise VideoDecodeError(
-            f"{uri}: truncated: {len(times)} of the {stream.frames} frames it lists are present"
+            f"{uri}: truncated: {packets} of the {stream.frames} frames it lists are present"
         )
     if any(t is None for t in times):
         count = len(times)

