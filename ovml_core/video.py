@@ -197,6 +197,8 @@ def _checked_video_stream(
         kinds = ", ".join(s.type for s in container.streams) or "none"
         raise VideoDecodeError(f"{uri}: no video stream (streams: {kinds})")
     stream = container.streams.best("video")
+    if stream.codec_context is None:
+        raise VideoDecodeError(f"{uri}: unknown or unsupported video codec")
     pixels = stream.width * stream.height
     if pixels > limits.max_pixels:
         raise VideoDecodeError(
