@@ -137,7 +137,7 @@ class VideoTagger:
                 "workers must see the same checkpoint and library versions"
             )
         self.labels = bank.labels
-        self.label_embeddings = torch.from_numpy(bank.embeddings).to(self.device)
+        self.label_embeddings = torch.tensor(bank.embeddings, device=self.device)
         self.fingerprint, self.run_id, self.tag = fingerprint, run_id, tag
         dim = bank.embeddings.shape[1] if tag.emit_embedding else None
         self.schema = tags_schema(dim)
@@ -148,7 +148,9 @@ class VideoTagger:
         return contextlib.nullcontext()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        ok = np.array([e is None for e in batch["error"]], dtype=bool)
+        # A column that is null in the whole batch arrives as float NaN, not None.
+        errors = [e if isinstance(e, str) else None for e in batch["error"]]
+        ok = np.array([e is None for e in errors], dtype=bool)
         rows = len(ok)
         tags: list = [None] * rows
         top_k: list = [None] * rows
@@ -170,7 +172,7 @@ class VideoTagger:
             "top_k": top_k,
             "num_frames": _where(ok, batch["num_frames"], int),
             "duration_s": _where(ok, batch["duration_s"], float),
-            "error": batch["error"].tolist(),
+            "error": errors,
             "model_fingerprint": [self.fingerprint] * rows,
             "run_id": [self.run_id] * rows,
         }
@@ -251,6 +253,10 @@ def build_plan(
                 "filesystems": filesystems,
             },
             num_cpus=tag.decode_num_cpus,
+            # Ray Data fuses a task map into the next actor stage when their remote args match,
+            # which would cap decode parallelism at the actor count. Args that come from a
+            # function are never fused (ray-project/ray#54433), so decode stays CPU tasks.
+            ray_remote_args_fn=lambda: {"num_cpus": tag.decode_num_cpus},
         )
     )
     return decoded.map_batches(

