@@ -104,7 +104,7 @@ def sample_frames(
                 uri, container, stream, table, targets, size, limits.mode, deadline
             )
             tick, codec = _tick(stream, table), stream.codec_context.name
-            width, height = stream.width, stream.height
+            width, height = round(stream.width * _pixel_aspect(stream)), stream.height
     if rotation % 180:
         width, height = height, width
     meta = {
@@ -318,7 +318,7 @@ def _decode_targets(
     picked: list[int] = []
     rotation = seeks = 0
     position: int | None = None
-    pixel_aspect = Fraction(stream.sample_aspect_ratio or 1)
+    pixel_aspect = _pixel_aspect(stream)
     while len(picked) < len(targets):
         target = targets[len(picked)]
         if _should_seek(mode, table, position, target):
@@ -352,6 +352,11 @@ def _decode_targets(
             out[len(picked) :] = _square_rgb(prev, size, rotation, pixel_aspect)
             picked += [prev_time] * (len(targets) - len(picked))
     return out, picked, rotation, seeks
+
+
+def _pixel_aspect(stream: av.video.stream.VideoStream) -> Fraction:
+    """Width of a stored pixel as displayed, relative to its height (anamorphic video != 1)."""
+    return Fraction(stream.sample_aspect_ratio or 1)
 
 
 def _upright_degrees(frame: av.VideoFrame) -> int:

@@ -1,6 +1,7 @@
 """ovml_core.video.sample_frames on synthetic clips of known content, real clips, broken files."""
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -68,6 +69,15 @@ def test_portrait_frames_are_centre_cropped(tmp_path):
     frames, meta = sample_frames(path, 4, 24)
     assert indices_of(frames) == centre_indices(20, 4)
     assert (meta["width"], meta["height"]) == (48, 80)
+
+
+def test_non_square_pixels_are_shown_at_their_display_shape(tmp_path):
+    """Stored 48x64 with pixels twice as wide as tall: displayed 96x64, grid in its centre."""
+    stored = [index_frame(i, 96, 64)[:, ::2] for i in range(10)]
+    path = write_video(tmp_path / "anamorphic.mp4", stored, pixel_aspect=Fraction(2))
+    frames, meta = sample_frames(path, 4, 32)
+    assert indices_of(frames) == centre_indices(10, 4)
+    assert (meta["width"], meta["height"]) == (96, 64)
 
 
 @pytest.mark.parametrize("num_source", [1, 3])

@@ -69,6 +69,7 @@ def write_video(
     gop: int | None = None,
     audio_s: float | None = None,
     faststart: bool = False,
+    pixel_aspect: Fraction | None = None,
 ) -> Path:
     """Encode RGB frames [H, W, 3] (H and W even) with PyAV and return the path.
 
@@ -76,6 +77,7 @@ def write_video(
     default is a constant `fps`. rotation: display-matrix rotation in degrees counter-clockwise.
     gop: keyframe interval in frames. audio_s: add a silent AAC track of that length from t=0.
     faststart: put the mp4 index before the frames (then a truncated copy still opens).
+    pixel_aspect: displayed width of a stored pixel relative to its height (anamorphic video).
     """
     encoder, _, options = CODECS[codec]
     options = dict(options, **({"g": str(gop)} if gop else {}))
@@ -94,6 +96,8 @@ def write_video(
             stream.time_base = stream.codec_context.time_base = TIME_BASE
         if rotation:
             stream.set_display_rotation(rotation)
+        if pixel_aspect:
+            stream.codec_context.sample_aspect_ratio = pixel_aspect
         if audio_s is not None:
             _write_silence(container, audio_s)
         for i, image in enumerate(frames):
