@@ -45,6 +45,7 @@ from pipeline.parquet_io import (
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ALL_FAILED, EXIT_CONFIG = 0, 1, 2
+DECODE_TASKS_PER_WORKER = 200
 
 
 @dataclass(frozen=True)
@@ -253,10 +254,10 @@ def build_plan(
                 "filesystems": filesystems,
             },
             num_cpus=tag.decode_num_cpus,
-            # Ray Data fuses a task map into the next actor stage when their remote args match,
-            # which would cap decode parallelism at the actor count. Args that come from a
-            # function are never fused (ray-project/ray#54433), so decode stays CPU tasks.
-            ray_remote_args_fn=lambda: {"num_cpus": tag.decode_num_cpus},
+            # Fresh decode workers now and then bound what FFmpeg may leak on untrusted input.
+            # The differing remote args also keep Ray Data from fusing decode into the actor
+            # stage (ray-project/ray#54433), which would cap decode parallelism at the actor count.
+            max_calls=DECODE_TASKS_PER_WORKER,
         )
     )
     return decoded.map_batches(
@@ -300,7 +301,8 @@ class TagSummary:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
     def exit_code(self) -> int:
-        return EXIT_ALL_FAILED if self.errored and not self.ok else EXIT_OK
+        """1 when every video of the manifest failed: none tagged now, none tagged before."""
+        return EXIT_ALL_FAILED if self.errored and not self.ok and not self.skipped else EXIT_OK
 
     def format(self) -> str:
         lines = [

@@ -30,7 +30,7 @@ from pipeline.parquet_io import (
     tags_schema,
     write_parquet_atomic,
 )
-from pipeline.tagging import main, pending_videos, rank_tags, run_tagging
+from pipeline.tagging import TagSummary, main, pending_videos, rank_tags, run_tagging
 from tests.conftest import REPO, TINY_CONFIG
 from tests.videos import sample_clips, write_broken_files, write_indexed_video
 
@@ -49,6 +49,14 @@ def test_rank_tags_thresholds_and_sorts():
     assert [t["label"] for t in top0] == ["b", "d"]
     assert tags1 == [] and [t["label"] for t in top1] == ["c", "a"]  # ties keep label order
     assert top0[0]["score"] == pytest.approx(0.9)
+
+
+def test_exit_code_is_1_only_when_every_video_of_the_manifest_failed():
+    def code(ok, errored, skipped):
+        return TagSummary("out", "run", "fp", ok=ok, errored=errored, skipped=skipped).exit_code()
+
+    assert code(0, 3, 0) == 1
+    assert code(1, 3, 0) == code(0, 3, 2) == code(0, 0, 5) == code(0, 0, 0) == 0
 
 
 def _index(rows):
@@ -289,8 +297,7 @@ def test_rerun_after_a_killed_run_completes_without_duplicates(
     # What a kill during a write leaves: a hidden, incomplete temporary file.
     (out / ".part-killed-00000-abcdef.parquet.0123abcd.tmp").write_bytes(b"PAR1 half")
 
-    cfg = Config.from_yaml(TINY_CONFIG, ["tag.rows_per_file=1", "tag.batch_size=1"])
-    rerun = run_tagging(cfg, manifest, str(out), labels=labels_file)
+    rerun = run_tagging(Config.from_yaml(TINY_CONFIG), manifest, str(out), labels=labels_file)
     assert rerun.skipped == done_before.num_rows
     assert rerun.ok == len(many) - done_before.num_rows and rerun.errored == 0
     current = read_tags(str(out), columns=INDEX_COLUMNS)
