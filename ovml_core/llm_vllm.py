@@ -10,6 +10,7 @@ states of generated tokens; those still come from `FrozenLLM`'s one teacher-forc
 from __future__ import annotations
 
 import importlib
+import os
 import tempfile
 from pathlib import Path
 
@@ -32,7 +33,13 @@ def import_vllm():
 class VllmGenerator:
     """Greedy generation with a vLLM engine, a drop-in for `FrozenLLM`'s generate methods."""
 
-    def __init__(self, llm: FrozenLLM, spec: str, gpu_memory_utilization: float = 0.5):
+    def __init__(
+        self, llm: FrozenLLM, spec: str, gpu_memory_utilization: float = 0.5, **engine_options
+    ):
+        """`spec` is the LLM spec `llm` was loaded from; `engine_options` go to `vllm.LLM`."""
+        # Keep the engine in this process (an actor, a test): a spawned engine-core process
+        # would re-import the caller's __main__, which Ray workers and pytest do not allow for.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         vllm = import_vllm()
         self.llm = llm
         self._sampling_params = vllm.SamplingParams
@@ -50,6 +57,7 @@ class VllmGenerator:
             # The frozen LLM of the teacher-forced pass shares the accelerator.
             gpu_memory_utilization=gpu_memory_utilization,
             seed=0,
+            **engine_options,
         )
 
     def generate_attribute_ids(

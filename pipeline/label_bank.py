@@ -137,7 +137,8 @@ def compute_rows(
         fn_constructor_kwargs={"source": source, "settings": settings, "fingerprint": fingerprint},
         batch_size=size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=settings.actors),
+        # No more actors than batches: each actor loads a whole model.
+        compute=ray.data.ActorPoolStrategy(size=min(settings.actors, len(blocks))),
         num_cpus=settings.num_cpus,
         num_gpus=actor_num_gpus(settings),
     )
