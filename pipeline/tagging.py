@@ -28,8 +28,9 @@ import torch
 
 from ovml_core.checkpoint import CheckpointError, load_checkpoint, model_fingerprint
 from ovml_core.config import Config, ConfigError, ModelConfig, TagConfig
+from ovml_core.label_embedder import LabelEmbedder
 from ovml_core.model import OVMLModel, create_model
-from ovml_core.vocabulary import VocabularyError, read_vocabulary
+from ovml_core.vocabulary import VocabularyError
 from pipeline.decode import decode_video
 from pipeline.manifest import Filesystems, read_manifest, resolve
 from pipeline.parquet_io import (
@@ -68,15 +69,12 @@ class LabelBank:
 
 
 def label_bank_from_vocabulary(model: OVMLModel, path: str) -> LabelBank:
-    """Encode a vocabulary file (txt: one label per line; CSV/YAML) with the model, in-process."""
-    vocabulary = read_vocabulary(path)
-    for issue in vocabulary.issues:
-        logger.warning("%s:%d: %s: %s", path, issue.line, issue.kind, issue.message)
-    vocabulary.raise_for_errors()
-    if not vocabulary.labels:
-        raise ConfigError(f"--labels {path}: no labels")
-    with torch.inference_mode():
-        embeddings = model.encode_labels(vocabulary.labels).float().cpu().numpy()
+    """Embed a vocabulary file in-process, exactly as the label bank job would (hf backend)."""
+    # Imported here because pipeline.label_bank itself builds on this module (ModelSource).
+    from pipeline.label_bank import load_vocabulary
+
+    vocabulary = load_vocabulary(path, model)
+    embeddings, _ = LabelEmbedder(model).embed(vocabulary.labels)
     return LabelBank(vocabulary.labels, embeddings)
 
 
@@ -409,6 +407,12 @@ def _count_written(summary: TagSummary, parts: list[str], filesystems: Filesyste
     summary.errors = [(v, e) for v, e in zip(ids, errors, strict=True) if e is not None][:5]
 
 
+def log_to_console() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="ovml tag",
@@ -440,9 +444,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    log_to_console()
     try:
         cfg = Config.from_yaml(args.config, args.overrides)
         summary = run_tagging(
