@@ -7,9 +7,10 @@ safetensors folder under `$OVML_CACHE` (default `~/.cache/ovml`), keyed by the f
 and written atomically, so concurrent processes never read a half-written folder.
 
 Generation is plain greedy decoding from `inputs_embeds` = prefix vectors + embedded prompt,
-left-padded, stopping at EOS; every returned id list has exactly `max_new_tokens` ids, the
-positions after the first EOS filled with EOS. Any other engine (vLLM) that decodes greedily
-from the same embeddings and pads the same way yields the same ids.
+left-padded, stopping at a stop token (EOS); every returned id list has exactly
+`max_new_tokens` ids, the positions after the first stop token filled with `stop_ids[0]`. Any
+other engine (vLLM) that decodes greedily from the same embeddings and pads the same way yields
+the same ids.
 """
 
 from __future__ import annotations
