@@ -4,6 +4,7 @@ End-to-end tests run the real Ray Data plan on configs/tiny.yaml over real sciki
 synthetic clips in three codecs and broken files, sharing one local Ray instance.
 """
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -367,8 +369,9 @@ def test_s3_manifest_videos_and_output_through_a_local_s3_server(
     )
     pq.write_table(bank, tmp_path / "bank.parquet")
 
+    with_embeddings = Config.from_yaml(TINY_CONFIG, [*OVERRIDES, "tag.emit_embedding=true"])
     summary = run_tagging(
-        cfg,
+        with_embeddings,
         "s3://videos/nightly/manifest.csv",
         "s3://videos/tags",
         label_bank=str(tmp_path / "bank.parquet"),
@@ -382,6 +385,9 @@ def test_s3_manifest_videos_and_output_through_a_local_s3_server(
     assert rows["bikes"]["error"] is None and len(rows["bikes"]["top_k"]) == cfg.tag.top_k
     assert "not a readable video" in rows["garbage"]["error"]
     assert rows["missing"]["error"]
+    assert tags.schema.equals(tags_schema(embeddings.shape[1]))
+    assert np.linalg.norm(rows["bikes"]["embedding"]) == pytest.approx(1.0, abs=1e-4)
+    assert rows["garbage"]["embedding"] is None
 
     stranger = bank.set_column(3, "model_fingerprint", pa.array(["0123"] * len(LABELS)))
     pq.write_table(stranger, tmp_path / "stranger.parquet")
@@ -406,3 +412,23 @@ def test_cli_exit_codes_and_summary(ray_local, videos, labels_file, tmp_path, ca
     printed = capsys.readouterr().out
     assert f"errored   {len(broken)}" in printed and "ok        0" in printed
     assert str(tmp_path / "tags") in printed
+
+
+def test_demo_inputs_decode_and_the_table_shows_tags_and_errors(tmp_path):
+    spec = importlib.util.spec_from_file_location("demo", REPO / "jobs" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    manifest = pa_csv.read_csv(demo.demo_inputs(tmp_path))
+    assert len(sample_clips()) == 4 and manifest.num_rows == 4 + 3 + 1
+    for uri in manifest["uri"].to_pylist():
+        if "not-a-video" not in uri:
+            frames, meta = sample_frames(uri, 4, 32)
+            assert frames.shape == (4, 32, 32, 3) and meta["duration_s"] > 1
+    tag = {"label": "ball", "score": 0.8}
+    rows = [
+        {"video_id": "a.mp4", "top_k": [tag], "tags": [tag], "error": None},
+        {"video_id": "b.mp4", "top_k": None, "tags": None, "error": "VideoDecodeError: bad"},
+    ]
+    table = demo.tags_table(pa.Table.from_pylist(rows), 0.5).splitlines()
+    assert table[2].split() == ["a.mp4", "ball", "0.8", "ball"]
+    assert table[3].split() == ["b.mp4", "error:", "VideoDecodeError:", "bad"]
