@@ -8,6 +8,7 @@ which then runs its usual teacher-forced pass, prompting transformer and CLIP te
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -15,6 +16,9 @@ import torch
 
 from ovml_core.attributes import TEXT_DESCRIPTION_TOKENS
 from ovml_core.model import OVMLModel
+from ovml_core.vocabulary import Vocabulary, VocabularyError, read_vocabulary
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("hf", "vllm")
 
@@ -31,6 +35,19 @@ def clip_token_budget(model: OVMLModel) -> tuple[Callable[[str], int], int]:
         num_soft = labels.soft.num_attributes
         return (lambda label: text.num_label_tokens(label) + num_soft), text.context_length
     return (lambda label: text.num_label_tokens(labels.template.format(label))), text.context_length
+
+
+def load_vocabulary(path: str, model: OVMLModel) -> Vocabulary:
+    """Read a vocabulary checked against this model's text context; log every issue and
+    raise `VocabularyError` (naming the lines) for labels the model cannot encode."""
+    vocabulary = read_vocabulary(path, *clip_token_budget(model))
+    for issue in vocabulary.issues:
+        log = logger.error if issue.fatal else logger.warning
+        log("%s:%d: %s: %s", path, issue.line, issue.kind, issue.message)
+    vocabulary.raise_for_errors()
+    if not vocabulary.labels:
+        raise VocabularyError(f"{path}: no labels")
+    return vocabulary
 
 
 class LabelEmbedder:

@@ -28,8 +28,8 @@ import torch
 
 from ovml_core.checkpoint import CheckpointError, model_fingerprint
 from ovml_core.config import Config, ConfigError, LabelBankConfig
-from ovml_core.label_embedder import LabelEmbedder, clip_token_budget
-from ovml_core.vocabulary import Vocabulary, VocabularyError, read_vocabulary
+from ovml_core.label_embedder import LabelEmbedder, load_vocabulary
+from ovml_core.vocabulary import VocabularyError
 from pipeline.manifest import Filesystems, resolve
 from pipeline.parquet_io import label_bank_schema, write_parquet_atomic
 from pipeline.tagging import ModelSource
@@ -157,17 +157,6 @@ def in_vocabulary_order(tables: list[pa.Table | None], labels: list[str]) -> pa.
     table = pa.concat_tables([t for t in tables if t is not None and t.num_rows])
     position = {label: i for i, label in enumerate(table["label"].to_pylist())}
     return table.take(pa.array([position[label] for label in labels], pa.int64()))
-
-
-def load_vocabulary(path: str, model) -> Vocabulary:
-    vocabulary = read_vocabulary(path, *clip_token_budget(model))
-    for issue in vocabulary.issues:
-        log = logger.error if issue.fatal else logger.warning
-        log("%s:%d: %s: %s", path, issue.line, issue.kind, issue.message)
-    vocabulary.raise_for_errors()
-    if not vocabulary.labels:
-        raise VocabularyError(f"{path}: no labels")
-    return vocabulary
 
 
 def build_label_bank(
