@@ -155,15 +155,18 @@ class VideoTagger:
         top_k: list = [None] * rows
         embeddings = np.zeros((rows, self.label_embeddings.shape[1]), np.float32)
         if ok.any():
-            with torch.inference_mode(), self._autocast():
-                video = self.model.encode_video(torch.from_numpy(batch["frames"][ok]))
+            with torch.inference_mode():
+                with self._autocast():
+                    video = self.model.encode_video(torch.from_numpy(batch["frames"][ok]))
+                # Scores in float32: bf16 would blur probabilities near the threshold.
+                video = video.float()
                 probabilities = self.model.score(video, self.label_embeddings)
             ranked = rank_tags(
-                probabilities.float().cpu().numpy(), self.labels, self.tag.threshold, self.tag.top_k
+                probabilities.cpu().numpy(), self.labels, self.tag.threshold, self.tag.top_k
             )
             for i, (above, top) in zip(np.flatnonzero(ok), ranked, strict=True):
                 tags[i], top_k[i] = above, top
-            embeddings[ok] = video.float().cpu().numpy()
+            embeddings[ok] = video.cpu().numpy()
         columns = {
             "video_id": batch["video_id"].tolist(),
             "uri": batch["uri"].tolist(),
@@ -314,6 +317,29 @@ class TagSummary:
         return "\n".join(lines)
 
 
+def load_model_facts(
+    source: ModelSource,
+    labels: str | None,
+    label_bank: str | None,
+    filesystems: Filesystems | None,
+) -> tuple[str, LabelBank, int]:
+    """(fingerprint, label bank, frame size) from one model load in the driver; the actors
+    then build their own copy."""
+    if source.checkpoint is None:
+        logger.warning(
+            "no --checkpoint: the model is UNTRAINED (random weights from model config %r); "
+            "its tags are meaningless",
+            source.config.clip_model,
+        )
+    model = source.load()
+    fingerprint = model_fingerprint(model)
+    if labels is not None:
+        bank = label_bank_from_vocabulary(model, labels)
+    else:
+        bank = label_bank_from_file(label_bank, fingerprint, filesystems)
+    return fingerprint, bank, model.image_size
+
+
 def run_tagging(
     cfg: Config,
     manifest: str,
@@ -332,20 +358,7 @@ def run_tagging(
         manifest, allowed_schemes=cfg.tag.allowed_schemes, filesystems=filesystems
     )
     source = ModelSource(cfg.model, checkpoint)
-    if checkpoint is None:
-        logger.warning(
-            "no --checkpoint: the model is UNTRAINED (random weights from model config %r); "
-            "its tags are meaningless",
-            cfg.model.clip_model,
-        )
-    model = source.load()
-    fingerprint = model_fingerprint(model)
-    if labels is not None:
-        bank = label_bank_from_vocabulary(model, labels)
-    else:
-        bank = label_bank_from_file(label_bank, fingerprint, filesystems)
-    image_size = model.image_size
-    del model  # the actors build their own
+    fingerprint, bank, image_size = load_model_facts(source, labels, label_bank, filesystems)
 
     current = None if full else read_tags(out, columns=INDEX_COLUMNS, filesystems=filesystems)
     pending = pending_videos(table, current, fingerprint, retry_errors=cfg.tag.retry_errors)
