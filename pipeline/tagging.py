@@ -28,7 +28,7 @@ import torch
 
 from ovml_core.checkpoint import CheckpointError, load_checkpoint, model_fingerprint
 from ovml_core.config import Config, ConfigError, ModelConfig, TagConfig
-from ovml_core.label_embedder import LabelEmbedder
+from ovml_core.label_embedder import LabelEmbedder, load_vocabulary
 from ovml_core.model import OVMLModel, create_model
 from ovml_core.vocabulary import VocabularyError
 from pipeline.decode import decode_video
@@ -70,9 +70,6 @@ class LabelBank:
 
 def label_bank_from_vocabulary(model: OVMLModel, path: str) -> LabelBank:
     """Embed a vocabulary file in-process, exactly as the label bank job would (hf backend)."""
-    # Imported here because pipeline.label_bank itself builds on this module (ModelSource).
-    from pipeline.label_bank import load_vocabulary
-
     vocabulary = load_vocabulary(path, model)
     embeddings, _ = LabelEmbedder(model).embed(vocabulary.labels)
     return LabelBank(vocabulary.labels, embeddings)
