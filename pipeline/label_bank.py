@@ -102,11 +102,19 @@ class LabelBankSummary:
         )
 
 
-def read_bank(fs: pafs.FileSystem, path: str) -> pa.Table | None:
+def read_bank(fs: pafs.FileSystem, path: str, out: str) -> pa.Table | None:
+    """The existing bank at `out`, None when there is none yet."""
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
-    with fs.open_input_file(path) as f:
-        return pq.read_table(f)
+    try:
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f)
+    except (OSError, pa.ArrowException) as err:
+        raise ConfigError(f"--out {out}: not a readable label bank ({err})") from err
+    missing = {"label", "embedding", "model_fingerprint"} - set(table.column_names)
+    if missing:
+        raise ConfigError(f"--out {out}: not a label bank (no {', '.join(sorted(missing))})")
+    return table
 
 
 def reusable_rows(bank: pa.Table | None, fingerprint: str, labels: list[str]) -> pa.Table | None:
@@ -175,7 +183,7 @@ def build_label_bank(
     del model  # the actors build their own
 
     fs, path = resolve(out, filesystems)
-    old = read_bank(fs, path)
+    old = read_bank(fs, path, out)
     reused = reusable_rows(old, fingerprint, vocabulary.labels)
     done = set(reused["label"].to_pylist()) if reused is not None else set()
     todo = [label for label in vocabulary.labels if label not in done]

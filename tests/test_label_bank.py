@@ -131,6 +131,19 @@ def test_cli_fails_on_a_label_that_cannot_be_encoded_and_names_the_line(tmp_path
     assert not out.exists()
 
 
+def test_cli_refuses_to_overwrite_what_is_not_a_label_bank(tmp_path, capsys):
+    from pipeline.cli import main
+
+    labels = tmp_path / "labels.txt"
+    labels.write_text("dog\n")
+    out = tmp_path / "bank.parquet"
+    out.write_text("not parquet")
+    args = ["--config", str(TINY_CONFIG), "--labels", str(labels), "--out", str(out)]
+    assert main(["labels", *args]) == 2
+    assert f"--out {out}: not a readable label bank" in capsys.readouterr().err
+    assert out.read_text() == "not parquet"
+
+
 def test_token_budget_counts_the_soft_tokens(tiny_model):
     tokens_needed, context = clip_token_budget(tiny_model)
     num_soft = tiny_model.labels.soft.num_attributes
