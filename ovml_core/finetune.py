@@ -318,12 +318,7 @@ def load_training_state(
     """Restore what `save_training_state` wrote into freshly built model/optimizer/scheduler."""
     directory = Path(directory)
     meta = json.loads((directory / STATE_FILE).read_text())
-    if meta["model"] != asdict(model.config):
-        changed = sorted(k for k in meta["model"] if meta["model"][k] != asdict(model.config)[k])
-        raise ConfigError(
-            f"model.{changed[0] if changed else '?'}: differs from the run being resumed "
-            f"({directory}); use a new train.name to train a different model"
-        )
+    check_same_model(meta, model.config, str(directory))
     groups = meta["param_groups"]
     expected = [(g["name"], g["param_names"]) for g in optimizer.param_groups]
     if [(g["name"], g["param_names"]) for g in groups] != expected:
@@ -345,6 +340,18 @@ def load_training_state(
     optimizer.load_state_dict({"state": moments, "param_groups": groups})
     scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(groups)})
     return Progress(**meta["progress"])
+
+
+def check_same_model(state: dict[str, Any], model: ModelConfig, source: str) -> None:
+    """Resuming trains the model it started with: a changed `model.*` field is an error
+    (`state` is the content of a training state's state.json)."""
+    saved, current = state["model"], asdict(model)
+    changed = sorted(k for k in current if saved.get(k) != current[k])
+    if changed:
+        raise ConfigError(
+            f"model.{changed[0]}: {current[changed[0]]!r} differs from {saved.get(changed[0])!r} "
+            f"of the run being resumed ({source}); use a new train.name for a different model"
+        )
 
 
 def json_safe(value: Any) -> Any:

@@ -42,10 +42,12 @@ from ovml_core.checkpoint import CheckpointError
 from ovml_core.clip import clip_image_params, create_clip
 from ovml_core.config import Config, ConfigError
 from ovml_core.finetune import (
+    STATE_FILE,
     Objective,
     Progress,
     StudentForward,
     build_optimizer,
+    check_same_model,
     evaluate,
     export_model,
     json_safe,
@@ -74,80 +76,107 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    cfg = Config.from_dict(loop_config["config"])
-    train = cfg.train
-    base, novel = loop_config["base_labels"], loop_config["novel_labels"]
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    WorkerRun(loop_config).run()
 
-    model = create_model(cfg.model, device)
-    set_trainable(model, train)
-    objective = Objective(model, train, base)  # snapshots the pretrained state: before restore
-    total_steps = loop_config["steps_per_epoch"] * train.epochs
-    optimizer, scheduler = build_optimizer(model, train, total_steps)
-    progress = Progress()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+
+class WorkerRun:
+    """One Train worker's part of the run: its model, optimizer and schedule (fresh, or
+    restored from the run's latest checkpoint), its data shard, validation (rank 0), reports."""
+
+    def __init__(self, loop_config: dict[str, Any]):
+        self.cfg = Config.from_dict(loop_config["config"])
+        self.train = self.cfg.train
+        self.run_dir = loop_config["run_dir"]
+        self.base, self.novel = loop_config["base_labels"], loop_config["novel_labels"]
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+        self.model = create_model(self.cfg.model, self.device)
+        set_trainable(self.model, self.train)
+        # Made before any restore: it keeps the pretrained state the regularizers pull towards.
+        self.objective = Objective(self.model, self.train, self.base)
+        total_steps = loop_config["steps_per_epoch"] * self.train.epochs
+        self.optimizer, self.scheduler = build_optimizer(self.model, self.train, total_steps)
+        self.progress = self._restore()
+        self.resumed_from = self.progress.step
+        # Buffers are constants (masks, rotary tables): no need to broadcast them every step.
+        self.student = ray.train.torch.prepare_model(
+            StudentForward(self.model), parallel_strategy_kwargs={"broadcast_buffers": False}
+        )
+        self.meter = _Meter(self.device)
+        self.shard = ray.train.get_dataset_shard("train")
+        has_val = "val" in loop_config["datasets"]
+        self.val = ray.train.get_dataset_shard("val") if has_val else None
+
+    def _restore(self) -> Progress:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return Progress()
         with checkpoint.as_directory() as directory:
-            progress = load_training_state(Path(directory) / STATE_DIR, model, optimizer, scheduler)
-        logger.info("rank %d resumes at step %d (epoch %d)", rank, progress.step, progress.epoch)
-    resumed_from = progress.step
-    # Buffers are constants (masks, rotary tables): no need to broadcast them every step.
-    student = ray.train.torch.prepare_model(
-        StudentForward(model), parallel_strategy_kwargs={"broadcast_buffers": False}
-    )
-    meter = _Meter(device)
-    shard = ray.train.get_dataset_shard("train")
-    val = ray.train.get_dataset_shard("val") if "val" in loop_config["datasets"] else None
+            progress = load_training_state(
+                Path(directory) / STATE_DIR, self.model, self.optimizer, self.scheduler
+            )
+        logger.info("rank %d resumes at step %d", self.rank, progress.step)
+        return progress
 
-    def report(val_metrics: dict[str, float]) -> None:
-        metrics = {
-            "epochs_done": progress.epoch,
-            "step": progress.step,
-            "resumed_from_step": resumed_from,
-            **meter.summary(world_size),
-            **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
-            **val_metrics,
-        }
-        _report(metrics, model, optimizer, scheduler, progress, objective, rank, loop_config)
+    def run(self) -> None:
+        self.model.train()
+        for epoch in range(self.progress.epoch, self.train.epochs):
+            self.train_epoch()
+            self.progress.epoch, self.progress.batches_done = epoch + 1, 0
+            self.report(self.validate())
 
-    model.train()
-    for epoch in range(progress.epoch, train.epochs):
-        batches = shard.iter_torch_batches(batch_size=train.batch_size, device=device)
+    def train_epoch(self) -> None:
+        train, progress = self.train, self.progress
+        batches = self.shard.iter_torch_batches(batch_size=train.batch_size, device=self.device)
         for index, (batch, is_last) in enumerate(with_last(batches)):
             if index < progress.batches_done:
                 continue  # done before the restart this run resumed from
             boundary = is_last or (index + 1) % train.grad_accum == 0
-            with _gradient_sync(student, boundary), _autocast(device):
-                generator = step_generator(train.seed, rank, progress.step, index)
-                losses = objective(student, model, batch["frames"], batch["targets"], generator)
-            (losses["total"] / train.grad_accum).backward()
-            meter.add(losses, len(batch["frames"]))
-            if not boundary:
-                continue
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step, progress.batches_done = progress.step + 1, index + 1
-            if model.labels.soft is not None and progress.step % train.attribute_refresh_steps == 0:
-                model.labels.soft.refresh()  # regenerate attribute ids with the new prefix
-            every = train.checkpoint_every_steps
-            if every and progress.step % every == 0 and not is_last:
-                report({})
-        progress.epoch, progress.batches_done = epoch + 1, 0
-        val_metrics = {}
-        if rank == 0 and val is not None:
-            with _autocast(device):
-                val_metrics = evaluate(
-                    model,
-                    val.iter_torch_batches(batch_size=train.batch_size, device=device),
-                    base + novel,
-                    base,
-                    novel,
+            with _gradient_sync(self.student, boundary), _autocast(self.device):
+                generator = step_generator(train.seed, self.rank, progress.step, index)
+                losses = self.objective(
+                    self.student, self.model, batch["frames"], batch["targets"], generator
                 )
-            logger.info("epoch %d validation: %s", epoch + 1, val_metrics)
-        report(val_metrics)
+            (losses["total"] / train.grad_accum).backward()
+            self.meter.add(losses, len(batch["frames"]))
+            if boundary:
+                self.optimizer_step(index)
+                every = train.checkpoint_every_steps
+                if every and progress.step % every == 0 and not is_last:
+                    self.report({})
+
+    def optimizer_step(self, index: int) -> None:
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.step, self.progress.batches_done = self.progress.step + 1, index + 1
+        soft = self.model.labels.soft
+        if soft is not None and self.progress.step % self.train.attribute_refresh_steps == 0:
+            soft.refresh()  # regenerate the attribute ids with the updated prefix
+
+    def validate(self) -> dict[str, float]:
+        """Base (and novel) mAP over the whole val set, on rank 0; {} elsewhere."""
+        if self.rank != 0 or self.val is None:
+            return {}
+        batches = self.val.iter_torch_batches(batch_size=self.train.batch_size, device=self.device)
+        with _autocast(self.device):
+            metrics = evaluate(self.model, batches, self.base + self.novel, self.base, self.novel)
+        logger.info("after epoch %d: %s", self.progress.epoch, metrics)
+        return metrics
+
+    def report(self, val_metrics: dict[str, float]) -> None:
+        """Every worker calls this at the same points (the loss average is a collective)."""
+        metrics = {
+            "epochs_done": self.progress.epoch,
+            "step": self.progress.step,
+            "resumed_from_step": self.resumed_from,
+            **self.meter.summary(self.world_size),
+            **{f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups},
+            **val_metrics,
+        }
+        _report(metrics, self)
 
 
 class _Meter:
@@ -196,24 +225,19 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _report(
-    metrics: dict[str, Any],
-    model,
-    optimizer,
-    scheduler,
-    progress: Progress,
-    objective: Objective,
-    rank: int,
-    loop_config: dict[str, Any],
-) -> None:
-    """Every worker reports (it is a barrier); rank 0 writes and hands over the checkpoint."""
+def _report(metrics: dict[str, Any], run: WorkerRun) -> None:
+    """`ray.train.report` is a barrier for all workers; rank 0 writes the checkpoint and the
+    metrics files, the others report metrics only."""
+    progress = run.progress
     progress.history.append(metrics)
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
-        if rank == 0:
-            export_model(model, Path(directory) / MODEL_DIR, objective)
-            save_training_state(Path(directory) / STATE_DIR, model, optimizer, scheduler, progress)
-            write_metrics(loop_config["run_dir"], progress.history)
+        if run.rank == 0:
+            export_model(run.model, Path(directory) / MODEL_DIR, run.objective)
+            save_training_state(
+                Path(directory) / STATE_DIR, run.model, run.optimizer, run.scheduler, progress
+            )
+            write_metrics(run.run_dir, progress.history)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(
             metrics,
@@ -249,11 +273,13 @@ def build_trainer(
     cfg: Config, train_loop: Callable[[dict[str, Any]], None] = train_loop_per_worker
 ) -> ray.train.torch.TorchTrainer:
     """The TorchTrainer for `cfg`; the same `train.storage_path` + `train.name` resumes."""
+    train = cfg.train
+    storage = storage_uri(train.storage_path)
+    run_dir = f"{storage.rstrip('/')}/{train.name}"
+    check_resumable(cfg, run_dir)
     model = cfg.model
     image_size = clip_image_params(create_clip(model.clip_model, model.clip_pretrained))[0]
     plan = plan_training(cfg, image_size)
-    train = cfg.train
-    storage = storage_uri(train.storage_path)
     logger.info(
         "training on %d base labels (%d novel, evaluation only), %d steps per epoch, %d epochs",
         len(plan.base_labels),
@@ -269,7 +295,7 @@ def build_trainer(
             "novel_labels": plan.novel_labels,
             "steps_per_epoch": plan.steps_per_epoch,
             "datasets": sorted(plan.datasets),
-            "run_dir": f"{storage.rstrip('/')}/{train.name}",
+            "run_dir": run_dir,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=train.num_workers, use_gpu=train.use_gpu
@@ -285,6 +311,27 @@ def build_trainer(
         # equal split.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+
+
+def check_resumable(cfg: Config, run_dir: str) -> None:
+    """Fail on the driver, before any worker starts, when `train.name` already holds a run of
+    another model (the workers would fail on restore, and be retried, otherwise)."""
+    try:
+        previous = ray.train.Result.from_path(run_dir)
+    except RuntimeError:
+        return  # no run there yet
+    if previous.checkpoint is None:
+        return
+    checkpoint = previous.checkpoint
+    state_path = f"{checkpoint.path}/{STATE_DIR}/{STATE_FILE}"
+    with checkpoint.filesystem.open_input_stream(state_path) as f:
+        check_same_model(json.loads(f.read()), cfg.model, run_dir)
+    logger.info("resuming %s from %s", run_dir, checkpoint_uri(checkpoint))
+
+
+def checkpoint_uri(checkpoint: ray.train.Checkpoint) -> str:
+    scheme = {"s3": "s3://", "gcs": "gs://"}.get(checkpoint.filesystem.type_name, "")
+    return scheme + checkpoint.path
 
 
 def run_training(cfg: Config) -> ray.train.Result:
@@ -331,11 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    if result.error is not None:
-        print(f"error: training failed: {result.error}", file=sys.stderr)
+    except ray.train.TrainingFailedError as err:
+        print(f"error: training failed; rerun the same command to resume: {err}", file=sys.stderr)
         return EXIT_FAILED
     print(f"run: {result.path}")
     if result.checkpoint is not None:
-        print(f"model checkpoint: {result.checkpoint.path}/{MODEL_DIR}")
+        print(f"model checkpoint: {checkpoint_uri(result.checkpoint)}/{MODEL_DIR}")
     print(f"metrics: {json.dumps(result.metrics, default=float)}")
     return EXIT_OK

@@ -320,6 +320,13 @@ def test_rerun_of_a_failed_run_resumes_at_its_saved_step(ray_local, videos, tmp_
     _assert_resumed_history(cfg, _history(cfg), saved)
     assert result.metrics["step"] == _total_steps(cfg)
 
+    # The same name with another model is refused before any worker starts.
+    changed = Config.from_dict(
+        {**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "temporal": "none"}}
+    )
+    with pytest.raises(ConfigError, match="model.temporal"):
+        build_trainer(changed)
+
 
 def _assert_resumed_history(cfg: Config, history: list[dict], resumed: int) -> None:
     """One row per step; rows up to `resumed` from the first workers, the rest from the
