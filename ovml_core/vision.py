@@ -157,8 +157,8 @@ class VideoEncoder(nn.Module):
         # open_clip's own embedding and pooling, so per-frame features equal encode_image.
         x = self.visual._embeds(frames.flatten(0, 1).to(self.visual.conv1.weight.dtype))
         for i, block in enumerate(self.visual.transformer.resblocks):
-            branch = self.branches[str(i)] if str(i) in self.branches else None
-            x = block(x) if branch is None else branch(block, x, t)
+            key = str(i)
+            x = self.branches[key](block, x, t) if key in self.branches else block(x)
         pooled = self.visual._pool(x)[0]
         if self.visual.proj is not None:
             pooled = pooled @ self.visual.proj

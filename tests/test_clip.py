@@ -137,7 +137,10 @@ def test_hf_hub_repo(tmp_path, source_clip):
         "preprocess_cfg": {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]},
     }
     weights = safetensors_bytes(source_clip, tmp_path / "w.safetensors")
-    files = {"open_clip_config.json": json.dumps(config).encode(), "open_clip_model.safetensors": weights}
+    files = {
+        "open_clip_config.json": json.dumps(config).encode(),
+        "open_clip_model.safetensors": weights,
+    }
     fake_hub_cache(tmp_path / "hub", "ovml-test/tiny-clip", files)
     clip = create_clip("ovml-tiny", "hf-hub:ovml-test/tiny-clip", cache_dir=str(tmp_path / "hub"))
     assert_same_parameters(clip, source_clip)
