@@ -270,6 +270,18 @@ def test_rerun_retries_only_errors_and_keeps_one_row_per_video(
     assert set(current["run_id"].to_pylist()) == {full.run_id}
 
 
+def _parts(out: Path) -> list[str]:
+    return part_files(pafs.LocalFileSystem(), str(out))
+
+
+def _wait_until_unchanged(out: Path, quiet_s: float = 2.0) -> None:
+    seen, since = _parts(out), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        time.sleep(0.1)
+        if _parts(out) != seen:
+            seen, since = _parts(out), time.monotonic()
+
+
 @pytest.mark.slow
 def test_rerun_after_a_killed_run_completes_without_duplicates(
     ray_local, videos, labels_file, tmp_path
@@ -288,12 +300,13 @@ def test_rerun_after_a_killed_run_completes_without_duplicates(
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not part_files(pafs.LocalFileSystem(), str(out)) and time.monotonic() < deadline:
+    while not _parts(out) and time.monotonic() < deadline:
         assert job.poll() is None, job.stderr.read().decode()[-2000:]
-        time.sleep(0.2)
+        time.sleep(0.05)
     job.send_signal(signal.SIGKILL)
     job.wait()
     assert job.returncode == -signal.SIGKILL
+    _wait_until_unchanged(out)  # Ray stops the dead driver's workers shortly after, not at once
     done_before = read_tags(str(out))
     assert 0 < done_before.num_rows < len(many), "the kill should land mid-run"
     # What a kill during a write leaves: a hidden, incomplete temporary file.
@@ -306,9 +319,7 @@ def test_rerun_after_a_killed_run_completes_without_duplicates(
     assert sorted(current["video_id"].to_pylist()) == sorted(many)
     assert current["error"].null_count == len(many)
     # Every physical row is either the killed run's or the rerun's, never both for one video.
-    everything = pa.concat_tables(
-        pq.read_table(p) for p in part_files(pafs.LocalFileSystem(), str(out))
-    )
+    everything = pa.concat_tables(pq.read_table(p) for p in _parts(out))
     assert everything.num_rows == len(many)
 
 
