@@ -3,6 +3,9 @@
 A manifest is a table with `video_id` (unique) and `uri`, optionally `labels` and `split`
 (DESIGN.md §3). Sources and video URIs may be local paths, `file://`, `s3://` or `gs://`; all
 storage goes through pyarrow.fs. Which schemes a job may touch is `tag.allowed_schemes`.
+Credentials and endpoints come from the usual environment (AWS_* variables, e.g.
+AWS_ENDPOINT_URL for MinIO; Google application credentials); library callers may instead pass
+`filesystems`, a filesystem per scheme.
 
 Normalisation, so that every later stage sees one row per video:
 - no `video_id` column, or an empty id: the uri is the id;
