@@ -158,6 +158,7 @@ class Objective:
         self.teacher = (
             create_teacher(model.config, model.device) if "distill" in train.regularizers else None
         )
+        check_regularizers(model.config, train)
         uses_pretrained = {"l2sp", "patch"} & set(train.regularizers)
         self.pretrained_visual = reference_state(model.visual) if uses_pretrained else None
 
@@ -179,29 +180,52 @@ class Objective:
         targets = targets.to(frames.device)
         video, label_emb, logits = student(frames, labels)
         task = self.loss_fn(logits.float(), targets)
-        reg = torch.zeros((), device=task.device)
+        reg = self.regularizer(model, frames, labels, video, label_emb, targets, generator)
+        return {"task": task, "regularizer": reg, "total": task + reg}
+
+    def regularizer(
+        self,
+        model: OVMLModel,
+        frames: torch.Tensor,
+        labels: list[str],
+        video: torch.Tensor,
+        label_emb: torch.Tensor,
+        targets: torch.Tensor,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        train = self.train
+        reg = torch.zeros((), device=video.device)
         if self.teacher is not None:
             with torch.no_grad():
                 teacher_video = self.teacher.encode_video(frames)
                 teacher_labels = self.teacher.encode_labels(labels)
-            reg = reg + self.train.distill_weight * (
+            reg = reg + train.distill_weight * (
                 distillation_loss(video.float(), teacher_video.float())
                 + distillation_loss(label_emb.float(), teacher_labels.float())
             )
-        if "l2sp" in self.train.regularizers:
-            reg = reg + self.train.l2sp_weight * l2sp_penalty(model.visual, self.pretrained_visual)
-        if "patch" in self.train.regularizers and self.train.patch_loss_weight > 0:
+        if "l2sp" in train.regularizers:
+            reg = reg + train.l2sp_weight * l2sp_penalty(model.visual, self.pretrained_visual)
+        if "patch" in train.regularizers and train.patch_loss_weight > 0:
 
             def loss_at_interpolated_weights() -> torch.Tensor:
-                return self.loss_fn(
-                    model.logits(model.encode_video(frames), label_emb).float(), targets
-                )
+                logits = model.logits(model.encode_video(frames), label_emb)
+                return self.loss_fn(logits.float(), targets)
 
             alpha = draw_alpha(generator=generator)
-            reg = reg + self.train.patch_loss_weight * interpolated_loss(
+            reg = reg + train.patch_loss_weight * interpolated_loss(
                 model.visual, self.pretrained_visual, alpha, loss_at_interpolated_weights
             )
-        return {"task": task, "regularizer": reg, "total": task + reg}
+        return reg
+
+
+def check_regularizers(model: ModelConfig, train: TrainConfig) -> None:
+    """`l2sp` and `patch` act on the video tower's trainable weights: there must be some."""
+    weight_based = sorted({"l2sp", "patch"} & set(train.regularizers))
+    if weight_based and model.temporal != "divided" and train.lr_clip <= 0:
+        raise ConfigError(
+            f"train.regularizers: {', '.join(weight_based)} need trainable video weights, but "
+            f"model.temporal={model.temporal!r} has none and train.lr_clip is 0"
+        )
 
 
 # ---------------------------------------------------------------- validation and export

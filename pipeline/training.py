@@ -47,6 +47,7 @@ from ovml_core.finetune import (
     Progress,
     StudentForward,
     build_optimizer,
+    check_regularizers,
     check_same_model,
     evaluate,
     export_model,
@@ -274,6 +275,7 @@ def build_trainer(
 ) -> ray.train.torch.TorchTrainer:
     """The TorchTrainer for `cfg`; the same `train.storage_path` + `train.name` resumes."""
     train = cfg.train
+    check_regularizers(cfg.model, train)
     storage = storage_uri(train.storage_path)
     run_dir = f"{storage.rstrip('/')}/{train.name}"
     check_resumable(cfg, run_dir)

@@ -22,6 +22,7 @@ from ovml_core.config import Config, ConfigError
 from ovml_core.finetune import (
     Progress,
     build_optimizer,
+    check_regularizers,
     create_teacher,
     load_training_state,
     lr_factor,
@@ -154,6 +155,9 @@ def test_bad_training_config_fails_naming_the_field(videos, tmp_path):
     cfg = _config(videos, tmp_path, "bad", base_labels="[red, green]", novel_labels="[red]")
     with pytest.raises(ConfigError, match="train.novel_labels"):
         plan_training(cfg, image_size=32)
+    frame_mean = Config.from_yaml(TINY_CONFIG, ["model.temporal=none", "train.regularizers=[l2sp]"])
+    with pytest.raises(ConfigError, match="train.regularizers: l2sp"):
+        check_regularizers(frame_mean.model, frame_mean.train)
 
 
 # ---------------------------------------------------------------- Ray Train, end to end
