@@ -276,6 +276,12 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
         return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads "1e-5" as a string; accept any float literal.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{path}: expected float, got {value!r}") from None
     if hint in (int, float, str, bool) and (
         not isinstance(value, hint) or (hint is int and isinstance(value, bool))
     ):

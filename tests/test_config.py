@@ -49,3 +49,9 @@ def test_ints_are_accepted_for_floats_and_round_trip():
     cfg = Config.from_dict({"tag": {"threshold": 1}, "model": {"init_bias": -5}})
     assert cfg.tag.threshold == 1.0 and isinstance(cfg.model.init_bias, float)
     assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_exponent_floats_from_the_command_line():
+    assert Config.from_yaml(TINY_CONFIG, ["train.lr=1e-5"]).train.lr == 1e-5
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        Config.from_yaml(TINY_CONFIG, ["train.lr=fast"])
