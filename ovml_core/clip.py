@@ -193,8 +193,18 @@ def create_clip(
 def clip_image_params(
     clip: open_clip.CLIP,
 ) -> tuple[int, tuple[float, float, float], tuple[float, float, float]]:
-    """(image_size, mean, std) of the model's preprocessing config; square images only."""
+    """(image_size, mean, std) of the model's preprocessing config; square images only.
+
+    Raises for preprocessing other than what `frames_to_clip_input` implements (bicubic resize
+    of the shorter side, centre crop) rather than feeding the model differently made inputs.
+    """
     cfg = open_clip.get_model_preprocess_cfg(clip)
+    resize = (cfg.get("interpolation", "bicubic"), cfg.get("resize_mode", "shortest"))
+    if resize != ("bicubic", "shortest"):
+        raise ValueError(
+            f"CLIP preprocessing {resize} is not supported; frames are resized bicubic, "
+            "shorter side, then centre-cropped"
+        )
     size = cfg["size"]
     if isinstance(size, (tuple, list)):
         if size[0] != size[1]:

@@ -14,6 +14,9 @@ Frames go through the ViT as one [B*T] batch, using the CLIP modules and weights
   `own` is CLIP's per-frame attention and `neighbor` the Open-VCLIP attention over all three
   frames. g=0 is exactly frame-mean CLIP, g=1 exactly Open-VCLIP, and the gradient wrt g is
   nonzero at 0, so training opens the gate. The projections are CLIP's own (no new weights).
+  The t-1/t/t+1 window is symmetric in time, so this branch, like `none`, gives a clip and
+  its time reversal the same feature (up to rounding): it cannot learn left vs right motion.
+  `divided` can, through its temporal position embedding.
 
 The output is the mean over frames of the projected pooled feature, [B, D], not normalised.
 """

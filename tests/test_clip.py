@@ -221,3 +221,12 @@ def test_clip_identifier(tmp_path, source_clip):
     state["visual.proj"] += 1
     save_file(state, str(renamed))
     assert clip_identifier("ovml-tiny", str(renamed)) != by_content
+
+
+def test_image_params_refuse_preprocessing_we_do_not_implement(source_clip):
+    clip = create_clip("ovml-tiny")
+    open_clip.model.set_model_preprocess_cfg(
+        clip, {**open_clip.get_model_preprocess_cfg(source_clip), "resize_mode": "squash"}
+    )
+    with pytest.raises(ValueError, match="squash"):
+        clip_image_params(clip)
