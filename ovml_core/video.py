@@ -200,6 +200,8 @@ def _checked_video_stream(
     if stream.codec_context is None:
         raise VideoDecodeError(f"{uri}: unknown or unsupported video codec")
     pixels = stream.width * stream.height
+    if pixels == 0:  # FFmpeg refused the declared size (e.g. 20000x20000) or found none
+        raise VideoDecodeError(f"{uri}: no valid frame size in the stream header")
     if pixels > limits.max_pixels:
         raise VideoDecodeError(
             f"{uri}: {stream.width}x{stream.height} frames, over video.max_pixels={limits.max_pixels}"
