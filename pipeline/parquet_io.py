@@ -9,9 +9,10 @@ rerun that retries a video supersedes the older row and nothing is rewritten in 
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 
 import numpy as np
@@ -79,18 +80,25 @@ def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:6]}"
 
 
-def write_parquet_atomic(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
-    """Write to a hidden temporary name next to `path`, then rename: never half a file."""
+@contextlib.contextmanager
+def atomic_output(fs: pafs.FileSystem, path: str) -> Iterator[pa.NativeFile]:
+    """A stream to a hidden temporary name next to `path`, renamed to `path` once the block
+    ends without error: a reader sees the old file or the new one, never half of one."""
     directory, name = posixpath.split(path)
     temp = posixpath.join(directory, f"{TEMP_PREFIX}{name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with fs.open_output_stream(temp) as out:
-            pq.write_table(table, out)
+            yield out
         fs.move(temp, path)
     except BaseException:
         if fs.get_file_info(temp).type == pafs.FileType.File:
             fs.delete_file(temp)
         raise
+
+
+def write_parquet_atomic(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
+    with atomic_output(fs, path) as out:
+        pq.write_table(table, out)
 
 
 def part_files(fs: pafs.FileSystem, directory: str) -> list[str]:

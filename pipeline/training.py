@@ -60,6 +60,7 @@ from ovml_core.finetune import (
 )
 from ovml_core.model import create_model
 from pipeline.manifest import resolve
+from pipeline.parquet_io import atomic_output
 from pipeline.training_data import plan_training
 
 logger = logging.getLogger(__name__)
@@ -258,7 +259,7 @@ def write_metrics(run_dir: str, history: list[dict[str, Any]]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     for name, data in ((METRICS_JSON, json.dumps(rows, indent=1)), (METRICS_CSV, text.getvalue())):
-        with fs.open_output_stream(f"{path}/{name}") as f:
+        with atomic_output(fs, f"{path}/{name}") as f:
             f.write(data.encode())
 
 
