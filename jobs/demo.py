@@ -22,7 +22,7 @@ import pyarrow.csv as pa_csv
 
 from ovml_core.config import Config
 from pipeline.parquet_io import read_tags
-from pipeline.tagging import log_to_console, run_tagging
+from pipeline.tagging import log_to_console, printable, run_tagging
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (96, 128)  # generated clips: height, width
@@ -84,26 +84,29 @@ def demo_inputs(folder: Path) -> Path:
 
 
 def tags_table(tags: pa.Table, threshold: float) -> str:
-    """One line per video: its top labels with probabilities, and what passed the threshold."""
+    """One line per video: its top labels with probabilities, and what passed the threshold.
+    Names, labels and errors are printed with control characters escaped."""
     rows = sorted(tags.to_pylist(), key=lambda r: r["video_id"])
+    names = {r["video_id"]: printable(r["video_id"]) for r in rows}
     tops = {
-        r["video_id"]: ", ".join(f"{t['label']} {t['score']:.2g}" for t in r["top_k"] or [])
+        r["video_id"]: ", ".join(
+            f"{printable(t['label'])} {t['score']:.2g}" for t in r["top_k"] or []
+        )
         for r in rows
     }
-    name_width = max(len("video"), *(len(r["video_id"]) for r in rows)) + 2
+    name_width = max(len("video"), *map(len, names.values())) + 2
     top_width = max(len("top labels (probability)"), *map(len, tops.values())) + 2
     header = f"{'video':<{name_width}}{'top labels (probability)':<{top_width}}"
     header += f"tagged (p >= {threshold:g})"
     lines = [header, "-" * len(header)]
     for row in rows:
         if row["error"]:
-            error = textwrap.shorten(row["error"], 100, placeholder="...")
-            lines.append(f"{row['video_id']:<{name_width}}error: {error}")
+            error = textwrap.shorten(printable(row["error"]), 100, placeholder="...")
+            lines.append(f"{names[row['video_id']]:<{name_width}}error: {error}")
         else:
-            tagged = ", ".join(t["label"] for t in row["tags"]) or "-"
-            lines.append(
-                f"{row['video_id']:<{name_width}}{tops[row['video_id']]:<{top_width}}{tagged}"
-            )
+            tagged = ", ".join(printable(t["label"]) for t in row["tags"]) or "-"
+            name, top = names[row["video_id"]], tops[row["video_id"]]
+            lines.append(f"{name:<{name_width}}{top:<{top_width}}{tagged}")
     return "\n".join(lines)
 
 

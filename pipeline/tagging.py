@@ -310,8 +310,14 @@ class TagSummary:
             f"  skipped   {self.skipped} (already tagged by this model)",
             f"  videos/s  {self.videos_per_s:.2f} ({self.processed} in {self.seconds:.1f} s)",
         ]
-        lines += [f"  error: {vid}: {message}" for vid, message in self.errors]
+        lines += [f"  error: {printable(vid)}: {printable(msg)}" for vid, msg in self.errors]
         return "\n".join(lines)
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped as repr() writes them (newline -> \\n), so a
+    file name or label can not forge a line or a terminal escape where it is printed."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def load_model_facts(
