@@ -102,6 +102,7 @@ class TagConfig:
     encode_num_cpus: float = 1.0
     encode_num_gpus: float | None = None  # None = 1 when the cluster has GPUs, else 0
     torch_threads: int = 1  # intra-op threads per encode actor
+    compile: bool = False  # torch.compile the video encoder in each encode actor
     emit_embedding: bool = False
     allowed_schemes: list[str] = field(default_factory=lambda: ["file", "s3", "gs"])
     retry_errors: bool = True  # rerun videos whose current row has an error
@@ -223,7 +224,7 @@ class Config:
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
-            data = yaml.safe_load(path.read_text()) or {}
+            data = _safe_yaml(path.read_text(), str(path)) or {}
             if not isinstance(data, dict):
                 raise ConfigError(f"{path}: top level must be a mapping of sections")
         for item in overrides or []:
@@ -237,7 +238,16 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     if not sep or "." not in key:
         raise ConfigError(f"override {item!r}: expected section.key=value")
     section, name = key.strip().split(".", 1)
-    data.setdefault(section, {})[name] = yaml.safe_load(raw)
+    data.setdefault(section, {})[name] = _safe_yaml(raw, f"override {item!r}")
+
+
+def _safe_yaml(text: str, where: str) -> Any:
+    """Plain YAML data only: safe_load refuses tags such as !!python/object, so a config can
+    never construct objects or run code."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from err
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:

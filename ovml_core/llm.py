@@ -213,7 +213,8 @@ def _load(spec: str):
 
 
 def _load_folder(source: str | Path):
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    # safetensors only: a pytorch_model.bin is a pickle, and unpickling can run code.
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
     return model, _load_tokenizer(source)
 
 
