@@ -2,7 +2,7 @@
 for each backend that can run here (hf always; vllm when it is installed).
 
 Each run starts from empty attribute caches, so every label is generated, teacher-forced and
-encoded. Model construction is not timed (an actor pays it once). Run from the repository root:
+encoded. Model construction and one warm-up batch are not timed (an actor pays them once). Run from the repository root:
 
     .venv/bin/python -m bench.bench_label_bank --labels 1000
     .venv/bin/python -m bench.bench_label_bank --set model.llm=smollm2 --labels 200
@@ -59,23 +59,25 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--labels", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, help="default: label_bank.batch_size")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, help="default: label_bank.torch_threads")
     args = parser.parse_args()
     cfg = Config.from_yaml(args.config, args.overrides)
     batch_size = args.batch_size or cfg.label_bank.batch_size
-    torch.set_num_threads(args.threads)
+    threads = args.threads or cfg.label_bank.torch_threads
+    torch.set_num_threads(threads)
     labels = synthetic_labels(args.labels)
     backends = ["hf"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = create_model(cfg.model, device)
     print(
         f"{len(labels)} labels, model.llm={cfg.model.llm}, mode={cfg.model.label_encoder}, "
-        f"M={cfg.model.num_attributes}, device={device}, {args.threads} threads; "
+        f"M={cfg.model.num_attributes}, device={device}, {threads} threads; "
         f"backends: {', '.join(backends)}"
     )
     results = {}
     for backend in backends:
         embedder = LabelEmbedder(model, backend, cfg.label_bank.vllm_gpu_memory_utilization)
+        labels_per_s(embedder, labels[:batch_size], batch_size)  # warm-up: first calls are slow
         batched = labels_per_s(embedder, labels, batch_size)
         single = labels_per_s(embedder, labels, 1)
         results[backend] = batched
