@@ -8,6 +8,7 @@ centre square of the frame, so a frame survives lossy codecs, resizing and the c
 from __future__ import annotations
 
 import importlib.metadata
+import struct
 from collections.abc import Iterable, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -33,7 +34,8 @@ def index_frame(index: int, width: int = 64, height: int = 48) -> np.ndarray:
     side = min(width, height)
     bits = (index >> np.arange(GRID * GRID)) & 1
     cells = (bits.reshape(GRID, GRID) * 255).astype(np.uint8)
-    square = np.kron(cells, np.ones((-(-side // GRID),) * 2, np.uint8))[:side, :side]
+    cell_of = np.arange(side) * GRID // side  # equal cells, also when GRID does not divide side
+    square = cells[np.ix_(cell_of, cell_of)]
     frame = np.full((height, width, 3), 128, np.uint8)
     top, left = (height - side) // 2, (width - side) // 2
     frame[top : top + side, left : left + side] = square[..., None]
@@ -70,14 +72,16 @@ def write_video(
     audio_s: float | None = None,
     faststart: bool = False,
     pixel_aspect: Fraction | None = None,
+    pix_fmt: str = "yuv420p",
 ) -> Path:
-    """Encode RGB frames [H, W, 3] (H and W even) with PyAV and return the path.
+    """Encode RGB frames [H, W, 3] (H and W even for 4:2:0) with PyAV and return the path.
 
     times_s: explicit presentation times (variable frame rate, or a stream that starts late);
     default is a constant `fps`. rotation: display-matrix rotation in degrees counter-clockwise.
     gop: keyframe interval in frames. audio_s: add a silent AAC track of that length from t=0.
     faststart: put the mp4 index before the frames (then a truncated copy still opens).
     pixel_aspect: displayed width of a stored pixel relative to its height (anamorphic video).
+    pix_fmt: the stream's pixel format, e.g. yuv420p10le (10-bit) or yuv444p (any size).
     """
     encoder, _, options = CODECS[codec]
     options = dict(options, **({"g": str(gop)} if gop else {}))
@@ -91,7 +95,7 @@ def write_video(
     options_out = {"movflags": "+faststart"} if faststart else {}
     with av.open(str(path), "w", options=options_out) as container:
         stream = container.add_stream(encoder, rate=fps, options=options)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         if times_s is not None:
             stream.time_base = stream.codec_context.time_base = TIME_BASE
         if rotation:
@@ -183,3 +187,25 @@ def write_broken_files(directory: str | Path, valid_clip: str | Path) -> dict[st
     with av.open(str(files["audio_only"]), "w") as container:
         _write_silence(container, 1.0)
     return files
+
+
+def write_declared_size_mjpeg(path: str | Path, width: int, height: int) -> Path:
+    """A 64x48 MJPEG AVI whose headers (AVI main and stream headers, every JPEG SOF0) declare
+    `width` x `height`: what a reader learns before decoding says the frames are that big."""
+    path = Path(path)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        for i in range(5):
+            frame = av.VideoFrame.from_ndarray(index_frame(i), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<II", data, data.find(b"avih") + 8 + 32, width, height)  # dwWidth, dwHeight
+    struct.pack_into("<ii", data, data.find(b"strf") + 8 + 4, width, height)  # biWidth, biHeight
+    sof = data.find(b"\xff\xc0")
+    while sof >= 0:  # marker, length (2), precision (1), then height and width
+        struct.pack_into(">HH", data, sof + 5, height, width)
+        sof = data.find(b"\xff\xc0", sof + 2)
+    path.write_bytes(bytes(data))
+    return path
