@@ -3,7 +3,8 @@
     manifest (driver, pyarrow)          skip videos already tagged by this model
       -> decode_video   (Ray tasks, tag.decode_num_cpus each)        uint8 [T, S, S, 3]
       -> VideoTagger    (actor pool; the model and label bank load once per actor,
-                         GPU + bf16 autocast when the cluster has GPUs)
+                         GPU + bf16 autocast when the cluster has GPUs; uint8 clips go
+                         to the device from pinned memory and are preprocessed there)
       -> PartFileDatasink (atomic part files of this run in the output directory)
 
 Nightly semantics: a run skips videos whose current row (see `parquet_io.read_tags`) has this
@@ -31,7 +32,6 @@ from ovml_core.config import Config, ConfigError, ModelConfig, TagConfig
 from ovml_core.label_embedder import LabelEmbedder, load_vocabulary
 from ovml_core.model import OVMLModel, create_model
 from ovml_core.vocabulary import VocabularyError
-from pipeline.decode import decode_video
 from pipeline.manifest import Filesystems, read_manifest, resolve
 from pipeline.parquet_io import (
     INDEX_COLUMNS,
@@ -41,6 +41,13 @@ from pipeline.parquet_io import (
     read_parts,
     read_tags,
     tags_schema,
+)
+from pipeline.stage_meter import (
+    StageMeter,
+    StageReport,
+    decode_slots,
+    decode_video_timed,
+    stage_report,
 )
 
 logger = logging.getLogger(__name__)
@@ -121,6 +128,7 @@ class VideoTagger:
         fingerprint: str,
         run_id: str,
         tag: TagConfig,
+        meter: ray.actor.ActorHandle | None = None,
     ):
         # Ray sets OMP_NUM_THREADS per worker; torch's own pool is sized here, explicitly.
         torch.set_num_threads(tag.torch_threads)
@@ -137,13 +145,44 @@ class VideoTagger:
         self.fingerprint, self.run_id, self.tag = fingerprint, run_id, tag
         dim = bank.embeddings.shape[1] if tag.emit_embedding else None
         self.schema = tags_schema(dim)
+        self.meter = meter
+        if tag.compile:
+            # In place: parameter names, and so the fingerprint, stay the eager model's.
+            self.model.visual.compile(dynamic=False)
 
     def _autocast(self):
         if self.device == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _host_batch(self, frames: np.ndarray, ok: np.ndarray) -> torch.Tensor:
+        """The valid clips, uint8, gathered straight into pinned memory on CUDA so the copy to
+        the device runs async; padded to tag.batch_size when compiled (one graph, no
+        recompiles for short batches)."""
+        n = int(ok.sum())
+        rows = max(n, self.tag.batch_size) if self.tag.compile else n
+        pinned = self.device == "cuda"
+        host = torch.empty((rows, *frames.shape[1:]), dtype=torch.uint8, pin_memory=pinned)
+        np.compress(ok, frames, axis=0, out=host.numpy()[:n])
+        host[n:] = 0
+        return host
+
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        started = time.perf_counter()
+        table = self._tag(batch)
+        if self.meter is not None:
+            # Waited for: the driver reads the totals once the last batch has returned.
+            ray.get(
+                self.meter.add.remote(
+                    len(table),
+                    float(np.sum(batch["decode_s"])),
+                    time.perf_counter() - started,
+                    self.device,
+                )
+            )
+        return table
+
+    def _tag(self, batch: dict[str, np.ndarray]) -> pa.Table:
         # A column that is null in the whole batch arrives as float NaN, not None.
         errors = [e if isinstance(e, str) else None for e in batch["error"]]
         ok = np.array([e is None for e in errors], dtype=bool)
@@ -154,9 +193,9 @@ class VideoTagger:
         if ok.any():
             with torch.inference_mode():
                 with self._autocast():
-                    video = self.model.encode_video(torch.from_numpy(batch["frames"][ok]))
+                    video = self.model.encode_video(self._host_batch(batch["frames"], ok))
                 # Scores in float32: bf16 would blur probabilities near the threshold.
-                video = video.float()
+                video = video[: int(ok.sum())].float()
                 probabilities = self.model.score(video, self.label_embeddings)
             ranked = rank_tags(
                 probabilities.cpu().numpy(), self.labels, self.tag.threshold, self.tag.top_k
@@ -235,15 +274,17 @@ def build_plan(
     run_id: str,
     image_size: int,
     filesystems: Filesystems | None = None,
+    meter: ray.actor.ActorHandle | None = None,
 ) -> ray.data.Dataset:
-    """The lazy Dataset of tag rows for `pending` (video_id, uri)."""
+    """The lazy Dataset of tag rows for `pending` (video_id, uri); the encode actors report
+    their batches to `meter` (a `StageMeter`) when given."""
     tag = cfg.tag
     decoded = (
         ray.data.from_arrow(pending.select(["video_id", "uri"]))
         # One decode task per encode batch: enough tasks to keep every CPU busy.
         .repartition(target_num_rows_per_block=tag.batch_size)
         .map(
-            decode_video,
+            decode_video_timed,
             fn_kwargs={
                 "num_frames": cfg.model.num_frames,
                 "size": image_size,
@@ -266,6 +307,7 @@ def build_plan(
             "fingerprint": fingerprint,
             "run_id": run_id,
             "tag": tag,
+            "meter": meter,
         },
         compute=ray.data.ActorPoolStrategy(
             min_size=tag.encode_actors_min or tag.encode_actors, max_size=tag.encode_actors
@@ -289,6 +331,7 @@ class TagSummary:
     seconds: float = 0.0
     parts: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (video_id, error), a sample
+    stages: StageReport | None = None  # per-stage throughput of this run
 
     @property
     def processed(self) -> int:
@@ -310,6 +353,7 @@ class TagSummary:
             f"  skipped   {self.skipped} (already tagged by this model)",
             f"  videos/s  {self.videos_per_s:.2f} ({self.processed} in {self.seconds:.1f} s)",
         ]
+        lines += self.stages.format_lines() if self.stages else []
         lines += [f"  error: {printable(vid)}: {printable(msg)}" for vid, msg in self.errors]
         return "\n".join(lines)
 
@@ -382,6 +426,7 @@ def run_tagging(
 
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS (`ray job submit`) or a local instance
+    meter = StageMeter.remote()
     plan = build_plan(
         pending,
         cfg,
@@ -391,6 +436,7 @@ def run_tagging(
         run_id=summary.run_id,
         image_size=image_size,
         filesystems=filesystems,
+        meter=meter,
     )
     sink = PartFileDatasink(
         out,
@@ -402,6 +448,9 @@ def run_tagging(
     started = time.perf_counter()
     plan.write_datasink(sink)
     summary.seconds = time.perf_counter() - started
+    tag = cfg.tag
+    slots = decode_slots(tag.decode_num_cpus, tag.encode_actors, tag.encode_num_cpus)
+    summary.stages = stage_report(meter, summary.seconds, slots, tag.encode_actors)
     _count_written(summary, sink.written, filesystems)
     logger.info("wrote %d part files to %s", len(summary.parts), out)
     if summary.processed != pending.num_rows:

