@@ -21,8 +21,9 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 
 from ovml_core.config import Config
+from pipeline.cli import log_to_console
 from pipeline.parquet_io import read_tags
-from pipeline.tagging import log_to_console, printable, run_tagging
+from pipeline.tagging import printable, run_tagging
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (96, 128)  # generated clips: height, width

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 # command -> (module with `main(argv)`, one-line help). Modules import Ray lazily, on use.
@@ -13,6 +14,27 @@ COMMANDS = {
     "train": ("pipeline.training", "fine-tune with Ray Train, resumable (jobs/train.py)"),
     "plan": ("ovml_core.capacity", "nodes and cost for N videos a night (docs/scaling.md)"),
 }
+
+
+def job_parser(prog: str, description: str, override_example: str) -> argparse.ArgumentParser:
+    """The arguments every job shares: a YAML config and `--set section.key=value` overrides."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help="YAML config (e.g. configs/tiny.yaml)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help=f"override a config field, e.g. --set {override_example} (repeatable)",
+    )
+    return parser
+
+
+def log_to_console() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

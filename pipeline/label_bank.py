@@ -30,6 +30,7 @@ from ovml_core.checkpoint import CheckpointError, model_fingerprint
 from ovml_core.config import Config, ConfigError, LabelBankConfig
 from ovml_core.label_embedder import LabelEmbedder, load_vocabulary
 from ovml_core.vocabulary import VocabularyError
+from pipeline.cli import job_parser, log_to_console
 from pipeline.manifest import Filesystems, resolve
 from pipeline.parquet_io import label_bank_schema, write_parquet_atomic
 from pipeline.tagging import ModelSource
@@ -218,12 +219,12 @@ def build_label_bank(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="ovml labels",
-        description="Build or update a label bank: vocabulary in, Parquet label embeddings out "
+    parser = job_parser(
+        "ovml labels",
+        "Build or update a label bank: vocabulary in, Parquet label embeddings out "
         "(incremental: labels already in the bank for the same model are not recomputed).",
+        "label_bank.backend=vllm",
     )
-    parser.add_argument("--config", required=True, help="YAML config (e.g. configs/tiny.yaml)")
     parser.add_argument(
         "--labels",
         required=True,
@@ -234,22 +235,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--out", required=True, help="label bank Parquet file (local, s3://, gs://)"
     )
     parser.add_argument("--checkpoint", help="trained checkpoint directory (default: untrained)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config field, e.g. --set label_bank.backend=vllm (repeatable)",
-    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    log_to_console()
     try:
         cfg = Config.from_yaml(args.config, args.overrides)
         summary = build_label_bank(cfg, args.labels, args.out, checkpoint=args.checkpoint)

@@ -32,6 +32,7 @@ from ovml_core.config import Config, ConfigError, ModelConfig, TagConfig
 from ovml_core.label_embedder import LabelEmbedder, load_vocabulary
 from ovml_core.model import OVMLModel, create_model
 from ovml_core.vocabulary import VocabularyError
+from pipeline.cli import job_parser, log_to_console
 from pipeline.manifest import Filesystems, read_manifest, resolve
 from pipeline.parquet_io import (
     INDEX_COLUMNS,
@@ -472,19 +473,13 @@ def _count_written(summary: TagSummary, parts: list[str], filesystems: Filesyste
     summary.errors = [(v, e) for v, e in zip(ids, errors, strict=True) if e is not None][:5]
 
 
-def log_to_console() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="ovml tag",
-        description="Tag videos with any vocabulary: manifest in, Parquet tags out "
+    parser = job_parser(
+        "ovml tag",
+        "Tag videos with any vocabulary: manifest in, Parquet tags out "
         "(incremental: videos already tagged by the same model are skipped).",
+        "tag.threshold=0.3",
     )
-    parser.add_argument("--config", required=True, help="YAML config (e.g. configs/tiny.yaml)")
     parser.add_argument(
         "--manifest",
         required=True,
@@ -496,14 +491,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     labels.add_argument("--label-bank", help="Parquet label bank from jobs/build_label_bank.py")
     parser.add_argument("--checkpoint", help="trained checkpoint directory (default: untrained)")
     parser.add_argument("--full", action="store_true", help="re-tag every video")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config field, e.g. --set tag.threshold=0.3 (repeatable)",
-    )
     return parser.parse_args(argv)
 
 

@@ -59,6 +59,7 @@ from ovml_core.finetune import (
     with_last,
 )
 from ovml_core.model import create_model
+from pipeline.cli import job_parser, log_to_console
 from pipeline.manifest import resolve
 from pipeline.parquet_io import atomic_output
 from pipeline.training_data import plan_training
@@ -353,28 +354,18 @@ def _init_ray(num_workers: int) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="ovml train",
-        description="Fine-tune on labeled videos with Ray Train (base labels only; novel labels "
+    parser = job_parser(
+        "ovml train",
+        "Fine-tune on labeled videos with Ray Train (base labels only; novel labels "
         "are evaluated). Rerunning the same command resumes from the latest checkpoint.",
-    )
-    parser.add_argument("--config", required=True, help="YAML config (e.g. configs/tiny.yaml)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config field, e.g. --set train.epochs=3 (repeatable)",
+        "train.epochs=3",
     )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    log_to_console()
     try:
         cfg = Config.from_yaml(args.config, args.overrides)
         result = run_training(cfg)
