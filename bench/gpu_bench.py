@@ -20,6 +20,7 @@ runs on CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -397,11 +398,19 @@ def step_results(steps: Path) -> list[dict]:
     return rows
 
 
+def cpu_name() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def environment(device: str) -> dict:
     return {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
         "cpu_cores": os.cpu_count(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

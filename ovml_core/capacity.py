@@ -149,6 +149,11 @@ class Plan:
         encode_rate = self.gpu_node.gpus * self.clips_per_gpu_s.value
         return "decode (CPU)" if decode_rate < encode_rate else "encode (GPU)"
 
+    @property
+    def cores_per_gpu(self) -> float:
+        """Decode cores it takes to feed one GPU: the CPU:GPU ratio of a balanced cluster."""
+        return self.clips_per_gpu_s.value * self.decode_core_s.value
+
     def cost(self, gpu_nodes: int, cpu_nodes: int) -> float | None:
         prices = (self.gpu_node.price_per_hour, self.cpu_node.price_per_hour)
         if prices[0] is None or (cpu_nodes and prices[1] is None):
@@ -216,6 +221,7 @@ def format_plan(plan: Plan) -> str:
         f"[{plan.clips_per_gpu_s.source}]",
         f"  needs    {plan.cores_needed:,.1f} decode cores and {plan.gpus_needed:,.2f} GPUs busy "
         "all night",
+        f"  balance  one GPU keeps {plan.cores_per_gpu:,.0f} decode cores busy",
         f"  bottleneck of a {g.gpus}-GPU/{g.cpus}-core node: {plan.bottleneck}",
         f"  plan A   {plan.gpu_only_nodes} GPU nodes ({g.gpus} GPU, {g.cpus} cores each)"
         f"{money(plan.gpu_only_nodes, 0)}",

@@ -105,6 +105,7 @@ def test_plan_sizes_decode_cores_and_gpus_for_the_window():
     assert heavy.cost(5, 0) == pytest.approx(50.0)
     assert heavy.cost(2, 2) == pytest.approx(22.0)
     assert _plan(0.5).bottleneck == "encode (GPU)"
+    assert heavy.cores_per_gpu == pytest.approx(5.0)  # 1 clip/s per GPU x 5 core-s per video
 
 
 def test_headroom_scales_the_need_and_impossible_nodes_fail():

@@ -1,0 +1,102 @@
+"""bench/gpu_check.sh --dry-run: every step of the GPU check but the venv creation, on CPU with
+tiny sizes, so the script cannot rot between the runs on a GPU machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import open_clip
+import pytest
+
+from ovml_core.capacity import main as plan_main
+from ovml_core.capacity import video_encoder_flops
+from ovml_core.clip import register_model_configs
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-check") / "results.json"
+    script = REPO / "bench" / "gpu_check.sh"
+    done = subprocess.run(
+        ["bash", str(script), "--python", sys.executable, "--dry-run", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+@pytest.mark.slow
+def test_every_step_ran_and_the_gpu_tests_skip_with_a_reason(dry_run):
+    results, _ = dry_run
+    steps = {row["step"]: row["exit_code"] for row in results["steps"]}
+    assert steps == {"tests": 0, "decode": 0, "encoder": 0, "tagging": 0}
+    tests = results["tests"]
+    assert tests["failed"]["count"] == 0 and tests["passed"]["count"] == 0
+    skipped = tests["skipped"]["names"]
+    assert sum("needs a CUDA GPU" in name for name in skipped) >= 6
+    assert all(name.rsplit(": ", 1)[1] for name in skipped)  # every skip says why
+
+
+@pytest.mark.slow
+def test_decode_rows_per_mode_with_positive_costs(dry_run):
+    results, _ = dry_run
+    rows = results["decode"]
+    assert {row["mode"] for row in rows} == {"sequential", "seek", "auto"}
+    assert all(row["seconds_per_video"] > 0 and row["wall_s"] > 0 for row in rows)
+    seek = next(row for row in rows if row["mode"] == "seek")
+    assert seek["seeks"] >= 1  # the seek mode really sought
+
+
+@pytest.mark.slow
+def test_encoder_rows_for_each_variant_and_counted_flops_match_the_model(dry_run):
+    results, _ = dry_run
+    encoder = results["encoder"]
+    variants = {(row["variant"], row["batch"]) for row in encoder["rows"]}
+    assert variants == {
+        ("eager", 1),
+        ("eager", 2),
+        ("channels_last", 1),
+        ("channels_last", 2),
+        ("compile", 2),
+    }
+    assert all(row["clips_per_s"] > 0 for row in encoder["rows"])
+    register_model_configs()
+    cfg = open_clip.get_model_config("ovml-tiny")
+    expected = video_encoder_flops(
+        cfg["vision_cfg"], cfg["embed_dim"], encoder["num_frames"], encoder["temporal"]
+    )
+    assert encoder["flops_per_clip"] == expected
+    assert encoder["bf16_peak_tflops"] is None  # a CPU has no entry: no made-up fraction
+    assert encoder["copy_ms_pinned"] > 0
+
+
+@pytest.mark.slow
+def test_tagging_run_reports_both_stages(dry_run):
+    results, stdout = dry_run
+    tagging = results["tagging"]
+    assert tagging["ok"] == tagging["videos"] == 6 and tagging["errored"] == 0
+    stages = tagging["stages"]
+    assert stages["videos"] == 6 and stages["encode_device"] == "cpu"
+    assert stages["decode_busy_s"] > 0 and stages["encode_busy_s"] > 0
+    assert "bottleneck" in stdout
+
+
+@pytest.mark.slow
+def test_plan_reads_the_results(dry_run, tmp_path, capsys):
+    results, _ = dry_run
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    assert (
+        plan_main(["--videos", "1000", "--minutes-per-video", "0.1", "--measurements", str(path)])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert (
+        "PROJECTION" not in printed and f"measured: {results['environment']['device']}" in printed
+    )
