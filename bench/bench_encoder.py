@@ -5,8 +5,9 @@
 
 Random-init CLIP towers at their native input size, T frames per clip, every block with the
 branch. `infer` is a forward pass under inference_mode (tagging); `train` is forward+backward
-through CLIP and the branch (fine-tuning). Each row is the median over timed calls after one
-warm-up call, and its ratio to `none`, the frame-mean baseline of the same model and pass.
+through CLIP and the branch (fine-tuning). Each row is the median over timed calls (variants
+interleaved) after one warm-up call, and its ratio to `none`, the frame-mean baseline of the
+same model and pass.
 """
 
 from __future__ import annotations
@@ -22,14 +23,18 @@ from ovml_core.clip import clip_image_params, create_clip
 from ovml_core.vision import TEMPORAL_MODES, VideoEncoder
 
 
-def median_seconds(step: Callable[[], None], iters: int) -> float:
-    step()  # warm-up: allocator, kernel selection
-    times = []
+def median_seconds(steps: dict[str, Callable[[], None]], iters: int) -> dict[str, float]:
+    """Median wall time per call of each step, calls interleaved round-robin so that a busy
+    spell on a shared machine slows every variant alike rather than one of them."""
+    for step in steps.values():
+        step()  # warm-up: allocator, kernel selection
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def encoder_step(encoder: VideoEncoder, frames: torch.Tensor, mode: str) -> Callable[[], None]:
@@ -75,17 +80,17 @@ def main() -> None:
         for pass_name in args.passes:
             if pass_name == "train" and not tiny and not args.large_train:
                 continue
-            baseline = None
+            steps = {}
             for temporal in TEMPORAL_MODES:
                 encoder = VideoEncoder(clip.visual, temporal, num_frames=args.frames)
                 encoder.train(pass_name == "train")
-                seconds = median_seconds(encoder_step(encoder, frames, pass_name), iters)
-                clips_per_s = batch / seconds
-                if temporal == "none":
-                    baseline = clips_per_s
+                steps[temporal] = encoder_step(encoder, frames, pass_name)
+            seconds = median_seconds(steps, iters)
+            for temporal in TEMPORAL_MODES:
+                ratio = seconds["none"] / seconds[temporal]
                 print(
                     f"{model_name:<10} {size:>4} {batch:>5} {pass_name:<5} {temporal:<9} "
-                    f"{clips_per_s:>8.2f} {clips_per_s / baseline:>7.2f}x",
+                    f"{batch / seconds[temporal]:>8.3g} {ratio:>7.2f}x",
                     flush=True,
                 )
 
