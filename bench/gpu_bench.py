@@ -92,7 +92,7 @@ class Settings:
             compile_backend="inductor",
             iters=10,
             decode_repeats=1,
-            tag_videos=1500,
+            tag_videos=600,
             tag_video_s=10.0,
             tag_batch_size=64,
         )
