@@ -55,15 +55,24 @@ def _scores_and_targets(scores: ArrayLike, targets: ArrayLike) -> tuple[np.ndarr
     return scores, targets
 
 
-def _average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-    """AP of one label: sum over distinct score thresholds of (recall step) * precision."""
+def precision_recall_curve(
+    scores: np.ndarray, targets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(precision, recall) of one label at each distinct score threshold, highest first.
+
+    `scores` and `targets` are 1-D; the label needs at least one positive.
+    """
     order = np.argsort(-scores, kind="stable")
     scores, targets = scores[order], targets[order]
     # The last position of each run of equal scores is one threshold: ties count together.
     threshold_ends = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
     true_pos = np.cumsum(targets)[threshold_ends]
-    precision = true_pos / (threshold_ends + 1)
-    recall = true_pos / true_pos[-1]
+    return true_pos / (threshold_ends + 1), true_pos / true_pos[-1]
+
+
+def _average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """AP of one label: sum over distinct score thresholds of (recall step) * precision."""
+    precision, recall = precision_recall_curve(scores, targets)
     return float(np.sum(np.diff(recall, prepend=0.0) * precision))
 
 
