@@ -4,6 +4,7 @@ label bank. Run by `bench/gpu_check.sh` (`pytest -m gpu`); skipped where CUDA is
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from ovml_core.checkpoint import model_fingerprint
 from ovml_core.config import Config
+from ovml_core.llm import SMOLLM2_INSTALL, SMOLLM2_PACKAGE
 from ovml_core.model import create_model
 from pipeline.tagging import LabelBank, ModelSource, VideoTagger
 from tests.conftest import REPO, TINY_CONFIG
@@ -28,6 +30,14 @@ pytestmark = [
 ]
 
 LABELS = ["dog", "cat", "surfing", "car"]
+
+
+def _has_smollm2() -> bool:
+    try:
+        importlib.metadata.distribution(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _frames(batch: int, frames: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -190,6 +200,7 @@ def test_one_gpu_ray_train_run_uses_nccl_and_writes_a_checkpoint(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+@pytest.mark.skipif(not _has_smollm2(), reason=f"the SmolLM2 weights need {SMOLLM2_INSTALL}")
 def test_vllm_label_bank_equals_the_hf_label_bank(tmp_path):
     import ray
 
