@@ -252,12 +252,18 @@ def test_unreadable_file_is_an_error_row():
 # ---------------------------------------------------------------- faults
 
 
-def _map_workers() -> dict[str, dict]:
-    """Ray Data's actor-pool workers of this Ray instance, by actor id (GCS actor table: works
-    without the dashboard that the public state API needs)."""
+def _map_workers(udf: str) -> dict[str, dict]:
+    """Ray Data's actor-pool workers running `udf` in this Ray instance, by actor id (from the
+    GCS actor table: the public state API would need the dashboard)."""
     from ray._private import state
 
-    return {a["ActorID"]: a for a in state.actors().values() if a["ActorClassName"] == "_MapWorker"}
+    name = f"MapWorker(MapBatches({udf}))"
+    return {a["ActorID"]: a for a in state.actors().values() if a["ActorClassName"] == name}
+
+
+def _alive(workers: dict[str, dict], earlier: set[str]) -> list[dict]:
+    """Workers not in `earlier` (actors of earlier runs) whose constructor has finished."""
+    return [w for actor, w in workers.items() if actor not in earlier and w["State"] == "ALIVE"]
 
 
 def _count_parts(out: Path) -> int:
@@ -277,13 +283,14 @@ def test_killed_encode_actor_is_restarted_and_no_row_is_lost(
     one_by_one = Config.from_yaml(TINY_CONFIG, ["tag.batch_size=1", "tag.rows_per_file=1"])
     killed: dict = {}
     finished = threading.Event()
-    earlier = set(_map_workers())  # actors of earlier runs in this Ray instance
+    earlier = set(_map_workers("VideoTagger"))  # actors of earlier runs in this Ray instance
 
     def kill_an_encode_actor_mid_run():
         while not finished.is_set():
-            workers = _map_workers()
-            alive = [workers[a] for a in set(workers) - earlier if workers[a]["State"] == "ALIVE"]
-            if alive and _count_parts(out) >= 3:
+            alive = _alive(_map_workers("VideoTagger"), earlier)
+            # Decoded clips queue up while the model loads; once ALIVE, the actor has tasks in
+            # flight at once and gets through the queue in about a second.
+            if alive:
                 killed.update({"actor": alive[0]["ActorID"], "parts_before": _count_parts(out)})
                 os.kill(alive[0]["Pid"], signal.SIGKILL)
                 return
@@ -298,7 +305,7 @@ def test_killed_encode_actor_is_restarted_and_no_row_is_lost(
         killer.join()
     assert killed, "the run ended before an actor could be killed"
     assert killed["parts_before"] < len(videos), "the kill should land mid-run"
-    assert _map_workers()[killed["actor"]]["NumRestarts"] >= 1
+    assert _map_workers("VideoTagger")[killed["actor"]]["NumRestarts"] >= 1
     assert (summary.ok, summary.errored) == (len(videos), 0)
     current = read_tags(str(out))
     assert sorted(current["video_id"].to_pylist()) == sorted(videos)
@@ -312,7 +319,7 @@ def test_label_bank_killed_mid_run_keeps_the_old_bank_and_a_rerun_completes(
 ):
     cfg = Config.from_yaml(TINY_CONFIG, ["label_bank.batch_size=2"])
     old_labels = ["dog", "cat", "surfing"]
-    new_labels = [f"new label {i}" for i in range(300)]
+    new_labels = [f"new label {i}" for i in range(120)]
     vocabulary, bank = tmp_path / "labels.txt", tmp_path / "bank" / "labels.parquet"
     vocabulary.write_text("\n".join(old_labels) + "\n")
     build_label_bank(cfg, str(vocabulary), str(bank))
@@ -326,14 +333,13 @@ def test_label_bank_killed_mid_run_keeps_the_old_bank_and_a_rerun_completes(
         *("--set", "label_bank.batch_size=2"),
     ]
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
-    before = set(_map_workers())
+    earlier = set(_map_workers("LabelBankActor"))
     job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
-    while not set(_map_workers()) - before:  # the job's actor pool is up: it is computing
+    while not _alive(_map_workers("LabelBankActor"), earlier):  # then it is computing
         assert job.poll() is None, job.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline, "the label bank job never started its actors"
-        time.sleep(0.05)
-    time.sleep(1.0)
+        time.sleep(0.02)
     job.send_signal(signal.SIGKILL)
     job.wait()
     assert job.returncode == -signal.SIGKILL
