@@ -29,6 +29,27 @@ from ovml_core.config import VideoConfig
 # PyAV reads file objects in chunks of this size; for object stores each read is a request.
 _REMOTE_READ_BYTES = 1 << 20
 
+# The demuxers FFmpeg may use, by FFmpeg's names ("mov" is mp4/m4v/mov/3gp, "matroska" is
+# mkv/webm). Left out on purpose: raw-frame formats (yuv4mpeg, rawvideo), whose first packet
+# is a whole uncompressed frame of whatever size the header declares, read before any size
+# check; playlists and concat lists, which make FFmpeg open other files; still images.
+CONTAINER_FORMATS = (
+    "mov",
+    "matroska",
+    "avi",
+    "mpegts",
+    "mpeg",
+    "mpegvideo",
+    "flv",
+    "asf",
+    "ogg",
+    "gif",
+    "ivf",
+    "h264",
+    "hevc",
+    "m4v",
+)
+
 
 class VideoDecodeError(Exception):
     """A video cannot be sampled; the message names the input and what is wrong with it."""
@@ -181,11 +202,17 @@ def _container(uri: str, source: str | Any) -> Iterator[av.container.InputContai
     if not isinstance(source, str):
         source.seek(0)
         options["buffer_size"] = _REMOTE_READ_BYTES
+    allowed = ",".join(CONTAINER_FORMATS)
+    opened = False
     try:
-        with av.open(source, **options) as container:
+        with av.open(source, options={"format_whitelist": allowed}, **options) as container:
+            opened = True
             yield container
     except av.FFmpegError as err:
-        raise VideoDecodeError(f"{uri}: not a readable video: {err}") from err
+        # FFmpeg answers a format outside the list with a bare EINVAL.
+        refused = not opened and isinstance(err, av.error.ArgumentError)
+        hint = f" (or not one of the container formats {allowed})" if refused else ""
+        raise VideoDecodeError(f"{uri}: not a readable video{hint}: {err}") from err
     except OSError as err:  # remote reads
         raise VideoDecodeError(f"{uri}: read failed: {err}") from err
 
