@@ -243,10 +243,9 @@ def _tint(rng: np.random.Generator) -> tuple[float, float, float]:
 
 
 def _pick_garments(
-    rng: np.random.Generator, pool: ImagePool, garments: list[str]
+    rng: np.random.Generator, pool: ImagePool, garments: list[str], count: int
 ) -> list[tuple[int, str]]:
-    """1-3 different garment classes of `garments`, each with a random image of its class."""
-    count = int(rng.integers(1, 4))
+    """`count` different garment classes of `garments`, each with a random image of its class."""
     chosen = rng.choice(len(garments), size=min(count, len(garments)), replace=False)
     picked = []
     for j in chosen:
@@ -268,7 +267,7 @@ def sample_clip(
     garments = [g for g in GARMENTS if novel or g not in NOVEL_GARMENTS]
     motions = [m for m in MOTIONS if novel or m not in NOVEL_MOTIONS]
     tracks = []
-    for image, garment in _pick_garments(rng, pool, garments):
+    for image, garment in _pick_garments(rng, pool, garments, int(rng.integers(1, 4))):
         motion = motions[int(rng.integers(len(motions)))]
         poses = motion_poses(motion, rng, num_frames)
         tracks.append(Track(image, garment, motion, _tint(rng), tuple(poses)))
@@ -276,12 +275,12 @@ def sample_clip(
 
 
 def sample_still(rng: np.random.Generator, pool: ImagePool) -> ClipSpec:
-    """A one-frame scene of 1-3 garments of any class (stage 0 "web" images)."""
-    tracks = tuple(
-        Track(image, garment, None, _tint(rng), (still_pose(rng),))
-        for image, garment in _pick_garments(rng, pool, list(GARMENTS))
+    """A one-frame picture of one garment of any class, posed as in the clips (stage 0's
+    "web" images: one subject and its caption)."""
+    ((image, garment),) = _pick_garments(rng, pool, list(GARMENTS), 1)
+    return ClipSpec(
+        "still", "train", (Track(image, garment, None, _tint(rng), (still_pose(rng),)),)
     )
-    return ClipSpec("still", "train", tracks)
 
 
 def render(spec: ClipSpec, images: np.ndarray) -> np.ndarray:
