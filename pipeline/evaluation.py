@@ -26,9 +26,10 @@ from ovml_core.config import Config, ConfigError
 from ovml_core.evaluation import EvaluationInput, SampleVideo, compute_metrics, html_report
 from ovml_core.finetune import json_safe
 from ovml_core.vocabulary import VocabularyError, read_vocabulary
+from pipeline.cli import job_parser, log_to_console
 from pipeline.decode import decode_video
 from pipeline.manifest import read_manifest
-from pipeline.parquet_io import read_tags
+from pipeline.parquet_io import read_tags, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -137,33 +138,32 @@ def run_evaluation(
     metrics = {**compute_metrics(data), **counts}
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / METRICS_FILE).write_text(json.dumps(json_safe(metrics), indent=1) + "\n")
+    write_text_atomic(str(out_dir / METRICS_FILE), json.dumps(json_safe(metrics), indent=1) + "\n")
     samples = sample_videos(cfg, manifest, rows, num_samples)
-    (out_dir / REPORT_FILE).write_text(html_report(title, data, metrics, samples))
+    write_text_atomic(str(out_dir / REPORT_FILE), html_report(title, data, metrics, samples))
     logger.info("wrote %s and %s", out_dir / METRICS_FILE, out_dir / REPORT_FILE)
     return metrics
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="ovml eval",
-        description="mAP (base / novel / harmonic mean, per label type), ECE and an HTML report "
-        "for a tagging run. Tag with --set tag.top_k=<vocabulary size> first.",
+    parser = job_parser(
+        "ovml eval",
+        "mAP (base / novel / harmonic mean, per label type), ECE and an HTML report for a "
+        "tagging run. Tag with --set tag.top_k=<vocabulary size> first.",
+        "train.novel_labels=[a,b]",
     )
-    parser.add_argument("--config", required=True, help="YAML config (train.novel_labels)")
     parser.add_argument("--tags", required=True, help="output directory of the tagging job")
     parser.add_argument("--manifest", required=True, help="manifest with a 'labels' column")
     parser.add_argument("--out", required=True, help="folder for metrics.json and report.html")
     parser.add_argument("--labels", help="the tagging vocabulary; its 'type' column groups labels")
     parser.add_argument("--samples", type=int, default=6, help="sample videos in the report")
     parser.add_argument("--title", default="ovml evaluation")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    log_to_console()
     try:
         cfg = Config.from_yaml(args.config, args.overrides)
         metrics = run_evaluation(
