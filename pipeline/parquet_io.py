@@ -96,6 +96,13 @@ def atomic_output(fs: pafs.FileSystem, path: str) -> Iterator[pa.NativeFile]:
         raise
 
 
+def write_text_atomic(uri: str, text: str) -> None:
+    """`text` as UTF-8 to a local path or URI, through `atomic_output`."""
+    fs, path = resolve(uri)
+    with atomic_output(fs, path) as out:
+        out.write(text.encode())
+
+
 def write_parquet_atomic(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
     with atomic_output(fs, path) as out:
         pq.write_table(table, out)

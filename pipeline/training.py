@@ -61,7 +61,7 @@ from ovml_core.finetune import (
 from ovml_core.model import create_model
 from pipeline.cli import job_parser, log_to_console
 from pipeline.manifest import resolve
-from pipeline.parquet_io import atomic_output
+from pipeline.parquet_io import write_text_atomic
 from pipeline.training_data import plan_training
 
 logger = logging.getLogger(__name__)
@@ -260,8 +260,7 @@ def write_metrics(run_dir: str, history: list[dict[str, Any]]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     for name, data in ((METRICS_JSON, json.dumps(rows, indent=1)), (METRICS_CSV, text.getvalue())):
-        with atomic_output(fs, f"{path}/{name}") as f:
-            f.write(data.encode())
+        write_text_atomic(f"{run_dir.rstrip('/')}/{name}", data)
 
 
 # ---------------------------------------------------------------- driver

@@ -29,7 +29,9 @@ from pipeline.label_bank import build_label_bank
 from pipeline.parquet_io import atomic_output, part_files, read_tags
 from pipeline.tagging import TagSummary, run_tagging
 from tests.conftest import REPO, TINY_CONFIG
-from tests.test_tagging import LABELS, OVERRIDES, _manifest, labels_file, ray_local  # noqa: F401
+
+# Shared with the tagging tests: the Ray instance and vocabulary fixtures, the manifest writer.
+from tests.test_tagging import OVERRIDES, _manifest, labels_file, ray_local  # noqa: F401
 from tests.videos import (
     index_frame,
     read_frame_index,
