@@ -17,9 +17,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from pickle import UnpicklingError  # only the exception torch's weights_only loader raises
 
 import open_clip
 import torch
@@ -118,7 +118,7 @@ def load_clip_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     elif path.suffix in TORCH_SUFFIXES:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
+        except UnpicklingError as err:
             raise ClipWeightsError(
                 f"{path}: refused, it is a pickle that needs more than plain tensors to load "
                 "(weights_only=True). Convert it to .safetensors from a trusted environment."
