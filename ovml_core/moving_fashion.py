@@ -348,6 +348,11 @@ def write_vocabulary(path: Path) -> None:
     path.write_text("label,type\n" + "\n".join(rows) + "\n")
 
 
+def write_clip(spec: ClipSpec, pool: ImagePool, folder: Path) -> Path:
+    """Render `spec` and encode it as `folder/<video_id>.mp4`."""
+    return write_video(folder / f"{spec.video_id}.mp4", render(spec, pool.images), fps=FPS)
+
+
 def build_benchmark(
     out: str | Path, size: str = "quick", seed: int = 0, source: str | Path = DEFAULT_SOURCE
 ) -> BenchmarkInfo:
@@ -362,7 +367,7 @@ def build_benchmark(
     for split in SPLITS:
         for index in range(counts[split]):
             spec = sample_clip(seed, split, index, pools[split])
-            write_video(out / "videos" / f"{spec.video_id}.mp4", render(spec, pools[split].images))
+            write_clip(spec, pools[split], out / "videos")
             specs.append(spec)
     table = manifest_table(specs)
     pq.write_table(table, out / MANIFEST)

@@ -202,3 +202,10 @@ def test_vocabulary_types_every_label(benchmark):
     assert set(typed) == set(mf.GARMENTS + mf.MOTIONS)
     assert {typed[g] for g in mf.GARMENTS} == {"garment"}
     assert {typed[m] for m in mf.MOTIONS} == {"motion"}
+
+
+def test_committed_vocabulary_is_the_benchmark_vocabulary(tmp_path):
+    """configs/moving_fashion/labels.csv (the demo's vocabulary) is what make_benchmark writes."""
+    mf.write_vocabulary(tmp_path / "labels.csv")
+    committed = REPO / "configs" / "moving_fashion" / "labels.csv"
+    assert committed.read_text() == (tmp_path / "labels.csv").read_text()

@@ -1,0 +1,171 @@
+"""The Moving Fashion ablation: train each variant on base labels, tag the test split, evaluate.
+
+    python bench/moving_fashion_ablation.py --data runs/moving-fashion/data [--size quick] [--seed 0]
+        [--variants zero_shot temporal_divided ...]
+
+Variants are the configs in configs/moving_fashion/ (`zero_shot` is evaluated as it is, the
+others are fine-tuned with the training job first). Every variant runs the real jobs in one
+process and one local Ray instance: `pipeline.training.run_training`, then
+`pipeline.tagging.run_tagging` on test.parquet with the full vocabulary (novel labels
+included), then `pipeline.evaluation.run_evaluation`. Prints a Markdown table and writes
+ablation.json and one report.html per variant under --out. The CLIP weights of stage 0 must
+exist (jobs/pretrain_clip.py); the benchmark is built first if --data does not hold it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from ovml_core import moving_fashion as mf
+from ovml_core.config import Config
+from ovml_core.finetune import json_safe
+from pipeline.evaluation import run_evaluation
+from pipeline.tagging import run_tagging
+from pipeline.training import MODEL_DIR, run_training
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "moving_fashion"
+UNTRAINED = ("zero_shot",)
+ORDER = (
+    "zero_shot",
+    "finetune_frame_mean",
+    "temporal_divided",
+    "temporal_neighbor",
+    "soft_attributes",
+    "text_attributes",
+    "distill",
+    "l2sp",
+    "patch",
+    "full",
+)
+
+
+def motion_ap_over_chance(metrics: dict) -> tuple[float, float]:
+    """Mean AP and mean chance AP of the motion labels that have twins (all of them)."""
+    twins = {label for pair in mf.ORDER_ONLY_PAIRS for label in pair}
+    rows = [p for p in metrics["per_label"] if p["label"] in twins and p["positives"]]
+    return float(np.mean([p["ap"] for p in rows])), float(np.mean([p["chance_ap"] for p in rows]))
+
+
+def variant_config(name: str, data: Path, out: Path, seed: int) -> Config:
+    cfg = Config.from_yaml(CONFIGS / f"{name}.yaml")
+    # Ray Train runs its workers in the run's folder: a relative weights path would not resolve.
+    clip_weights = (REPO / cfg.model.clip_pretrained).resolve()
+    return Config.from_yaml(
+        CONFIGS / f"{name}.yaml",
+        [
+            f"model.clip_pretrained={clip_weights}",
+            f"train.train_manifest={data / mf.MANIFEST}",
+            f"train.storage_path={out / 'runs'}",
+            f"train.name={name}-seed{seed}",
+            f"train.seed={seed}",
+            f"model.seed={seed}",
+        ],
+    )
+
+
+def run_variant(name: str, data: Path, out: Path, seed: int) -> dict:
+    cfg = variant_config(name, data, out, seed)
+    started = time.perf_counter()
+    checkpoint = None
+    if name not in UNTRAINED:
+        result = run_training(cfg)
+        checkpoint = f"{result.checkpoint.path}/{MODEL_DIR}"
+    trained = time.perf_counter()
+    run_tagging(
+        cfg,
+        str(data / mf.TEST_MANIFEST),
+        str(out / "tags" / name),
+        labels=str(data / mf.VOCABULARY),
+        checkpoint=checkpoint,
+        full=True,
+    )
+    metrics = run_evaluation(
+        cfg,
+        str(out / "tags" / name),
+        str(data / mf.TEST_MANIFEST),
+        str(out / "eval" / name),
+        str(data / mf.VOCABULARY),
+        title=f"Moving Fashion: {name}",
+    )
+    motion_ap, motion_chance = motion_ap_over_chance(metrics)
+    return {
+        "variant": name,
+        "checkpoint": checkpoint,
+        "map_base": metrics["map_base"],
+        "map_novel": metrics["map_novel"],
+        "harmonic_mean": metrics["harmonic_mean"],
+        "garment_base": metrics["by_type"]["garment"]["map_base"],
+        "garment_novel": metrics["by_type"]["garment"]["map_novel"],
+        "motion_base": metrics["by_type"]["motion"]["map_base"],
+        "motion_novel": metrics["by_type"]["motion"]["map_novel"],
+        "motion_ap": motion_ap,
+        "motion_chance_ap": motion_chance,
+        "ece": metrics["ece"],
+        "train_s": trained - started,
+        "total_s": time.perf_counter() - started,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    columns = [
+        ("variant", "variant"),
+        ("map_base", "mAP base"),
+        ("map_novel", "mAP novel"),
+        ("harmonic_mean", "HM"),
+        ("garment_base", "garment base"),
+        ("garment_novel", "garment novel"),
+        ("motion_base", "motion base"),
+        ("motion_novel", "motion novel"),
+        ("motion_ap", "motion AP (chance)"),
+        ("ece", "ECE"),
+        ("total_s", "wall s"),
+    ]
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for key, _ in columns:
+            value = row[key]
+            if key == "motion_ap":
+                cells.append(f"{value:.3f} ({row['motion_chance_ap']:.3f})")
+            elif key == "total_s":
+                cells.append(f"{value:.0f}")
+            elif isinstance(value, float):
+                cells.append(f"{value:.3f}")
+            else:
+                cells.append(str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="runs/moving-fashion/data", help="benchmark folder")
+    parser.add_argument("--size", choices=sorted(mf.SIZES), default="quick")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/moving-fashion-ablation")
+    parser.add_argument("--variants", nargs="+", default=list(ORDER), choices=ORDER)
+    args = parser.parse_args(argv)
+    data, out = Path(args.data).resolve(), Path(args.out).resolve()
+    if not (data / mf.INFO).is_file():
+        mf.build_benchmark(data, args.size, seed=args.seed)
+    ray.init(num_cpus=max(os.cpu_count() or 1, 2))
+    rows = []
+    for name in args.variants:
+        rows.append(run_variant(name, data, out, args.seed))
+        print(table(rows), flush=True)
+        (out / "ablation.json").write_text(json.dumps(json_safe(rows), indent=1) + "\n")
+    print(f"\n{table(rows)}\n\nreports: {out / 'eval'}/<variant>/report.html")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
