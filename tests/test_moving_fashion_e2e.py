@@ -48,10 +48,18 @@ def test_committed_model_beats_chance_on_base_labels(tmp_path, monkeypatch):
         == 0
     )
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    base = [p for p in metrics["per_label"] if p["split"] == "base" and p["positives"]]
-    chance = sum(p["chance_ap"] for p in base) / len(base)
     print(json.dumps({k: metrics[k] for k in ("map_base", "map_novel", "ece")}), file=sys.stderr)
-    assert metrics["map_base"] > chance + 0.15, (metrics["map_base"], chance)
-    assert metrics["by_type"]["garment"]["map_base"] > chance + 0.15
+    # Chance: a random ranking's AP is the label's share of positive clips.
+    for kind, got in (
+        ("all", metrics["map_base"]),
+        ("garment", metrics["by_type"]["garment"]["map_base"]),
+    ):
+        base = [
+            p
+            for p in metrics["per_label"]
+            if p["split"] == "base" and p["positives"] and kind in ("all", p["type"])
+        ]
+        chance = sum(p["chance_ap"] for p in base) / len(base)
+        assert got > 1.4 * chance, (kind, got, chance)
     report = (tmp_path / "eval" / "report.html").read_text()
     assert "data:image/png;base64," in report and "moving left" in report
