@@ -25,14 +25,18 @@ import numpy as np
 import ray
 
 from ovml_core import moving_fashion as mf
+from ovml_core.checkpoint import load_checkpoint, save_checkpoint
 from ovml_core.config import Config
 from ovml_core.finetune import json_safe
-from pipeline.evaluation import run_evaluation
+from pipeline.evaluation import join_scores, run_evaluation
+from pipeline.manifest import read_manifest
+from pipeline.parquet_io import read_tags
 from pipeline.tagging import run_tagging
 from pipeline.training import MODEL_DIR, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "moving_fashion"
+DEMO_MODEL = REPO / "models" / "moving-fashion-tiny" / "checkpoint"
 UNTRAINED = ("zero_shot",)
 ORDER = (
     "zero_shot",
@@ -55,7 +59,9 @@ def motion_ap_over_chance(metrics: dict) -> tuple[float, float]:
     return float(np.mean([p["ap"] for p in rows])), float(np.mean([p["chance_ap"] for p in rows]))
 
 
-def variant_config(name: str, data: Path, out: Path, seed: int) -> Config:
+def variant_config(
+    name: str, data: Path, out: Path, seed: int, overrides: list[str] = ()
+) -> Config:
     cfg = Config.from_yaml(CONFIGS / f"{name}.yaml")
     # Ray Train runs its workers in the run's folder: a relative weights path would not resolve.
     clip_weights = (REPO / cfg.model.clip_pretrained).resolve()
@@ -70,6 +76,20 @@ def variant_config(name: str, data: Path, out: Path, seed: int) -> Config:
             f"model.seed={seed}",
         ],
     )
+
+
+def twin_accuracy(tags_dir: Path, data: Path) -> float:
+    """Over clips with exactly one motion of a twin pair (e.g. left, not right): how often the
+    true twin scores higher. Order-free video features give 0.5 in expectation."""
+    manifest = read_manifest(str(data / mf.TEST_MANIFEST))
+    scores, _, _ = join_scores(read_tags(str(tags_dir)), manifest, list(mf.GARMENTS + mf.MOTIONS))
+    hits = []
+    for first, second in mf.ORDER_ONLY_PAIRS:
+        a, b = scores.labels.index(first), scores.labels.index(second)
+        has_a, has_b = scores.targets[:, a] == 1, scores.targets[:, b] == 1
+        margin = scores.scores[:, a] - scores.scores[:, b]
+        hits += list(margin[has_a & ~has_b] > 0) + list(margin[has_b & ~has_a] < 0)
+    return float(np.mean(hits))
 
 
 def run_variant(name: str, data: Path, out: Path, seed: int) -> dict:
@@ -97,6 +117,7 @@ def run_variant(name: str, data: Path, out: Path, seed: int) -> dict:
         title=f"Moving Fashion: {name}",
     )
     motion_ap, motion_chance = motion_ap_over_chance(metrics)
+    twins = twin_accuracy(out / "tags" / name, data)
     return {
         "variant": name,
         "checkpoint": checkpoint,
@@ -109,10 +130,21 @@ def run_variant(name: str, data: Path, out: Path, seed: int) -> dict:
         "motion_novel": metrics["by_type"]["motion"]["map_novel"],
         "motion_ap": motion_ap,
         "motion_chance_ap": motion_chance,
+        "twin_accuracy": twins,
         "ece": metrics["ece"],
         "train_s": trained - started,
         "total_s": time.perf_counter() - started,
     }
+
+
+def publish(checkpoint: str, directory: Path) -> Path:
+    """Copy a variant's checkpoint for the demo, naming its CLIP weights relative to the
+    repository (the runs name them by absolute path) so that a clone anywhere loads it."""
+    model = load_checkpoint(checkpoint)
+    weights = Path(model.config.clip_pretrained)
+    if weights.is_absolute():
+        model.config.clip_pretrained = str(weights.relative_to(REPO))
+    return save_checkpoint(model, directory)
 
 
 def table(rows: list[dict]) -> str:
@@ -126,6 +158,7 @@ def table(rows: list[dict]) -> str:
         ("motion_base", "motion base"),
         ("motion_novel", "motion novel"),
         ("motion_ap", "motion AP (chance)"),
+        ("twin_accuracy", "twin acc."),
         ("ece", "ECE"),
         ("total_s", "wall s"),
     ]
@@ -153,14 +186,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/moving-fashion-ablation")
     parser.add_argument("--variants", nargs="+", default=list(ORDER), choices=ORDER)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a field of every variant, e.g. --set train.epochs=8",
+    )
+    parser.add_argument(
+        "--publish",
+        metavar="VARIANT",
+        help="copy that variant's checkpoint from --out's ablation.json to " + str(DEMO_MODEL),
+    )
+    parser.add_argument(
+        "--summarize", action="store_true", help="print the table of --out's ablation.json"
+    )
     args = parser.parse_args(argv)
     data, out = Path(args.data).resolve(), Path(args.out).resolve()
+    if args.publish:
+        (row,) = [
+            r
+            for r in json.loads((out / "ablation.json").read_text())
+            if r["variant"] == args.publish
+        ]
+        print(f"{publish(row['checkpoint'], DEMO_MODEL)}: {args.publish} from {row['checkpoint']}")
+        return 0
+    if args.summarize:
+        rows = json.loads((out / "ablation.json").read_text())
+        for row in rows:
+            row.setdefault("twin_accuracy", twin_accuracy(out / "tags" / row["variant"], data))
+        print(table(rows))
+        return 0
     if not (data / mf.INFO).is_file():
         mf.build_benchmark(data, args.size, seed=args.seed)
     ray.init(num_cpus=max(os.cpu_count() or 1, 2))
     rows = []
     for name in args.variants:
-        rows.append(run_variant(name, data, out, args.seed))
+        rows.append(run_variant(name, data, out, args.seed, args.overrides))
         print(table(rows), flush=True)
         (out / "ablation.json").write_text(json.dumps(json_safe(rows), indent=1) + "\n")
     print(f"\n{table(rows)}\n\nreports: {out / 'eval'}/<variant>/report.html")
