@@ -74,6 +74,7 @@ def variant_config(
             f"train.name={name}-seed{seed}",
             f"train.seed={seed}",
             f"model.seed={seed}",
+            *overrides,
         ],
     )
 
@@ -92,8 +93,8 @@ def twin_accuracy(tags_dir: Path, data: Path) -> float:
     return float(np.mean(hits))
 
 
-def run_variant(name: str, data: Path, out: Path, seed: int) -> dict:
-    cfg = variant_config(name, data, out, seed)
+def run_variant(name: str, data: Path, out: Path, seed: int, overrides: list[str] = ()) -> dict:
+    cfg = variant_config(name, data, out, seed, overrides)
     started = time.perf_counter()
     checkpoint = None
     if name not in UNTRAINED:
