@@ -1,6 +1,7 @@
 """Shared test set-up: offline hubs, quiet Ray, and the tiny model and config."""
 
 import os
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -28,3 +29,12 @@ def tiny_model(tiny_config):
     from ovml_core.model import create_model
 
     return create_model(tiny_config.model)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ray_stops_between_modules():
+    """Jobs start a local Ray when none is running; stop it so each module starts clean."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
