@@ -63,7 +63,7 @@ def variant_config(
     name: str, data: Path, out: Path, seed: int, overrides: list[str] = ()
 ) -> Config:
     cfg = Config.from_yaml(CONFIGS / f"{name}.yaml")
-    # Ray Train runs its workers in the run's folder: a relative weights path would not resolve.
+    # The configs name the weights relative to the repository: run from any folder.
     clip_weights = (REPO / cfg.model.clip_pretrained).resolve()
     return Config.from_yaml(
         CONFIGS / f"{name}.yaml",

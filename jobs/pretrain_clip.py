@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", default=str(DEFAULT_SOURCE), help="Fashion-MNIST IDX folder")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--init", help="continue from these .safetensors weights (default: random)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except FashionMNISTMissingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    settings = PretrainSettings(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    settings = PretrainSettings(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+    )
     torch.manual_seed(args.seed)
     clip = create_clip(args.model, pretrained=args.init)
     started = time.perf_counter()

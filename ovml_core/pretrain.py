@@ -1,12 +1,19 @@
 """Stage 0 of Moving Fashion, "web pre-training": a small CLIP learns image-text matching on
-still scenes of garments of ALL classes with templated captions, standing in for the
-pretrained CLIP that cannot be downloaded here.
+still pictures of garments of ALL classes, standing in for the pretrained CLIP that cannot be
+downloaded here.
 
-Each step renders a batch of stills (one garment each, posed as in the clips, see
-`ovml_core.moving_fashion.sample_still`) and one caption per garment class, each from a random
-template; the loss is CLIP's contrastive cross-entropy of each image over the captions. Both
-towers train. (A multi-label variant, 1-3 garments per still with a SigLIP sigmoid loss, barely
-left the base-rate loss in 50k images on this tiny ViT; one subject per picture learns fast.) The result is an open_clip state dict in .safetensors, which
+Each still shows one garment posed as in the clips (`ovml_core.moving_fashion.sample_still`).
+Its caption names the garment and, like web alt-text, some of what the picture shows: where
+the garment is ("on the left", "down at the bottom"), its size ("zoomed in") and its turn
+("turned clockwise"). A pretrained CLIP knows such words; a text tower trained on garment
+names alone maps "moving left" and "moving right" to the same point (cosine 1.00 measured),
+and then no video encoder can tell them apart. Stills cannot show motion, so the motion
+labels stay unseen as phrases: only their words were grounded.
+
+The loss is CLIP's contrastive cross-entropy, both directions, over the batch's captions plus
+one bare "a photo of a {garment}." per class. Captions repeat and are partial descriptions, so
+each image's targets are every caption true of it (UniCL-style multi-positive targets). Both
+towers train. The result is an open_clip state dict in .safetensors, which
 `ovml_core.clip.create_clip(name, pretrained=path)` loads like any downloaded CLIP.
 """
 
@@ -26,7 +33,7 @@ from safetensors.torch import save_file
 from ovml_core.clip import clip_image_params
 from ovml_core.finetune import lr_factor
 from ovml_core.metrics import mean_average_precision
-from ovml_core.moving_fashion import GARMENTS, ImagePool, render, sample_still
+from ovml_core.moving_fashion import CANVAS, GARMENTS, ImagePool, render, sample_still
 from ovml_core.preprocess import frames_to_clip_input
 
 logger = logging.getLogger(__name__)
@@ -39,6 +46,14 @@ CAPTION_TEMPLATES = (
     "a {}.",
     "{}",
 )
+# Phrases a still's pose makes true, in pairs of opposites (what `facts_of` reads off a pose).
+FACT_PAIRS = (
+    ("on the left", "on the right"),
+    ("up at the top", "down at the bottom"),
+    ("zoomed in", "zoomed out"),
+    ("turned clockwise", "turned counterclockwise"),
+)
+EDGE = 18.0  # a centre this close to a canvas side (pixels of 48) is "on the left" etc.
 
 
 @dataclass(frozen=True)
@@ -52,20 +67,87 @@ class PretrainSettings:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class Caption:
+    """A garment and some facts about its picture; true of a still with that garment and at
+    least those facts."""
+
+    garment: str
+    facts: frozenset[str]
+    text: str
+
+    def describes(self, still: Caption) -> bool:
+        return self.garment == still.garment and self.facts <= still.facts
+
+
+def facts_of(pose: tuple[float, float, float, float]) -> frozenset[str]:
+    """The FACT_PAIRS phrases true of a still with `pose` (centre x, y; degrees ccw; zoom)."""
+    cx, cy, degrees, zoom = pose
+    (left, right), (top, bottom), (zoom_in, zoom_out), (clockwise, counter) = FACT_PAIRS
+    far = CANVAS - EDGE
+    checks = {
+        left: cx < EDGE,
+        right: cx > far,
+        top: cy < EDGE,
+        bottom: cy > far,
+        zoom_in: zoom >= 1.0,
+        zoom_out: zoom <= 0.8,
+        # Leaning, not upside down: past 90 degrees an upright garment turned one way looks
+        # like an upside-down one turned the other way.
+        counter: 20.0 <= degrees % 360 <= 90.0,
+        clockwise: 270.0 <= degrees % 360 <= 340.0,
+    }
+    return frozenset(fact for fact, true in checks.items() if true)
+
+
+def caption_for(rng: np.random.Generator, truth: Caption) -> Caption:
+    """A caption of a still whose whole truth is `truth`: its garment and each true fact with
+    probability 1/2, in random order, in a random template."""
+    facts = [f for f in sorted(truth.facts) if rng.random() < 0.5]
+    rng.shuffle(facts)
+    subject = " ".join([truth.garment, *facts])
+    template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
+    return Caption(truth.garment, frozenset(facts), template.format(subject))
+
+
+def class_captions() -> list[Caption]:
+    """One bare caption per garment class (the zero-shot prompt), true of all its stills."""
+    return [Caption(g, frozenset(), CAPTION_TEMPLATES[0].format(g)) for g in GARMENTS]
+
+
 def render_stills(
     rng: np.random.Generator, pool: ImagePool, count: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 images [count, H, W, 3], garment class ids [count])."""
+) -> tuple[torch.Tensor, list[Caption]]:
+    """(uint8 images [count, H, W, 3], the whole truth of each: garment and facts)."""
     specs = [sample_still(rng, pool) for _ in range(count)]
     images = np.stack([render(spec, pool.images)[0] for spec in specs])
-    classes = [GARMENTS.index(spec.tracks[0].garment) for spec in specs]
-    return torch.from_numpy(images), torch.tensor(classes)
+    truths = [
+        Caption(s.tracks[0].garment, facts_of(s.tracks[0].poses[0]), s.tracks[0].garment)
+        for s in specs
+    ]
+    return torch.from_numpy(images), truths
 
 
-def captions(rng: np.random.Generator) -> list[str]:
-    """One caption per garment class, each from a random template."""
-    picks = rng.integers(len(CAPTION_TEMPLATES), size=len(GARMENTS))
-    return [CAPTION_TEMPLATES[p].format(g) for p, g in zip(picks, GARMENTS, strict=True)]
+def batch_captions(
+    rng: np.random.Generator, truths: list[Caption]
+) -> tuple[list[Caption], torch.Tensor]:
+    """The batch's distinct captions (one drawn per still, plus `class_captions`) and the
+    [images, captions] 0/1 matrix of which caption is true of which still."""
+    drawn = [caption_for(rng, t) for t in truths] + class_captions()
+    unique = list({c.text: c for c in drawn}.values())
+    truth = torch.tensor([[c.describes(t) for c in unique] for t in truths], dtype=torch.float32)
+    return unique, truth
+
+
+def multi_positive_loss(logits: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Symmetric contrastive cross-entropy with every true pair a positive, weighted equally
+    per row (image -> captions) and per column (caption -> images). A class caption whose
+    garment is not in the batch has no positive image and no caption -> image term."""
+    image_to_text = -(truth / truth.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+    has_image = truth.sum(0) > 0
+    column = truth[:, has_image] / truth[:, has_image].sum(0)
+    text_to_image = -(column * logits[:, has_image].log_softmax(0)).sum(0).mean()
+    return (image_to_text + text_to_image) / 2
 
 
 class StillScorer:
@@ -89,8 +171,7 @@ def pretrain_clip(
     eval_pool: ImagePool,
     settings: PretrainSettings,
 ) -> dict[str, float]:
-    """Train `clip` in place; returns held-out garment mAP and accuracy with plain
-    "a photo of a {}." prompts."""
+    """Train `clip` in place; returns `evaluate_stills` on `eval_pool`."""
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     scorer = StillScorer(clip, tokenizer)
@@ -103,8 +184,9 @@ def pretrain_clip(
     clip.train()
     started = time.perf_counter()
     for step in range(settings.steps):
-        images, classes = render_stills(rng, train_pool, settings.batch_size)
-        loss = F.cross_entropy(scorer.logits(images, captions(rng)), classes)
+        images, truths = render_stills(rng, train_pool, settings.batch_size)
+        texts, truth = batch_captions(rng, truths)
+        loss = multi_positive_loss(scorer.logits(images, [c.text for c in texts]), truth)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -125,14 +207,25 @@ def pretrain_clip(
 def evaluate_stills(
     scorer: StillScorer, pool: ImagePool, settings: PretrainSettings
 ) -> dict[str, float]:
+    """Garment mAP and accuracy with the class captions, and for each pair of opposite facts
+    how often "a photo of a {garment} {fact}." beats its opposite on stills showing one."""
     rng = np.random.default_rng(settings.seed + 1)
-    images, classes = render_stills(rng, pool, settings.eval_images)
-    logits = scorer.logits(images, [CAPTION_TEMPLATES[0].format(g) for g in GARMENTS])
-    targets = F.one_hot(classes, len(GARMENTS))
-    return {
-        "garment_map": mean_average_precision(logits, targets).value,
+    images, truths = render_stills(rng, pool, settings.eval_images)
+    classes = torch.tensor([GARMENTS.index(t.garment) for t in truths])
+    logits = scorer.logits(images, [c.text for c in class_captions()])
+    metrics = {
+        "garment_map": mean_average_precision(logits, F.one_hot(classes, len(GARMENTS))).value,
         "garment_accuracy": float((logits.argmax(dim=1) == classes).float().mean()),
     }
+    for pair in FACT_PAIRS:
+        shown = [(i, t) for i, t in enumerate(truths) if len(t.facts & set(pair)) == 1]
+        right = 0
+        for i, t in shown:
+            texts = [CAPTION_TEMPLATES[0].format(f"{t.garment} {fact}") for fact in pair]
+            scores = scorer.logits(images[i : i + 1], texts)[0]
+            right += int(pair[int(scores.argmax())] in t.facts)
+        metrics[f"{pair[0]} vs {pair[1]}"] = right / max(1, len(shown))
+    return metrics
 
 
 def save_clip_weights(clip: open_clip.CLIP, path: str | Path) -> Path:

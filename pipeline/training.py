@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ovml_core.checkpoint import CheckpointError
-from ovml_core.clip import clip_image_params, create_clip
+from ovml_core.clip import clip_image_params, create_clip, resolve_pretrained
 from ovml_core.config import Config, ConfigError
 from ovml_core.finetune import (
     STATE_FILE,
@@ -275,6 +276,7 @@ def build_trainer(
     cfg: Config, train_loop: Callable[[dict[str, Any]], None] = train_loop_per_worker
 ) -> ray.train.torch.TorchTrainer:
     """The TorchTrainer for `cfg`; the same `train.storage_path` + `train.name` resumes."""
+    cfg = with_absolute_clip_weights(cfg)
     train = cfg.train
     check_regularizers(cfg.model, train)
     storage = storage_uri(train.storage_path)
@@ -314,6 +316,15 @@ def build_trainer(
         # equal split.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+
+
+def with_absolute_clip_weights(cfg: Config) -> Config:
+    """Ray Train runs its workers in the run's folder, where a CLIP weights file named relative
+    to the driver's working directory does not resolve: name it absolutely here."""
+    source = resolve_pretrained(cfg.model.clip_model, cfg.model.clip_pretrained)
+    if source.kind != "file" or os.path.isabs(source.ref):
+        return cfg
+    return replace(cfg, model=replace(cfg.model, clip_pretrained=os.path.abspath(source.ref)))
 
 
 def check_resumable(cfg: Config, run_dir: str) -> None:

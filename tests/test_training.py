@@ -413,3 +413,19 @@ def _assert_jobs_exist(text: str) -> None:
     assert jobs and all((REPO / job).is_file() for job in jobs), jobs
     configs = set(re.findall(r"configs/[\w.-]+\.yaml", text))
     assert all((REPO / c).is_file() for c in configs), configs
+
+
+def test_relative_clip_weights_are_named_absolutely_for_the_workers(tmp_path, monkeypatch):
+    """Workers run in the run's folder: a weights file relative to the driver must not break."""
+    from pipeline.training import with_absolute_clip_weights
+
+    weights = tmp_path / "weights" / "clip.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    cfg = Config.from_yaml(TINY_CONFIG, ["model.clip_pretrained=weights/clip.safetensors"])
+    resolved = with_absolute_clip_weights(cfg)
+    assert resolved.model.clip_pretrained == str(weights)
+    assert resolved.train == cfg.train and cfg.model.clip_pretrained == "weights/clip.safetensors"
+    random = Config.from_yaml(TINY_CONFIG)
+    assert with_absolute_clip_weights(random) is random
