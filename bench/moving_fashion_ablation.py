@@ -1,6 +1,6 @@
 """The Moving Fashion ablation: train each variant on base labels, tag the test split, evaluate.
 
-    python bench/moving_fashion_ablation.py --data runs/moving-fashion/data [--size quick] [--seed 0]
+    python bench/moving_fashion_ablation.py --data runs/moving-fashion/data [--size quick] [--seeds 0 1]
         [--variants zero_shot temporal_divided ...]
 
 Variants are the configs in configs/moving_fashion/ (`zero_shot` is evaluated as it is, the
@@ -8,7 +8,8 @@ others are fine-tuned with the training job first). Every variant runs the real 
 process and one local Ray instance: `pipeline.training.run_training`, then
 `pipeline.tagging.run_tagging` on test.parquet with the full vocabulary (novel labels
 included), then `pipeline.evaluation.run_evaluation`. Prints a Markdown table and writes
-ablation.json and one report.html per variant under --out. The CLIP weights of stage 0 must
+ablation.json and one report.html per variant and seed under --out; a rerun with the same
+--out runs only the variant/seed pairs it does not hold yet. The CLIP weights of stage 0 must
 exist (jobs/pretrain_clip.py); the benchmark is built first if --data does not hold it.
 """
 
@@ -30,7 +31,7 @@ from ovml_core.config import Config
 from ovml_core.finetune import json_safe
 from pipeline.evaluation import join_scores, run_evaluation
 from pipeline.manifest import read_manifest
-from pipeline.parquet_io import read_tags
+from pipeline.parquet_io import read_tags, write_text_atomic
 from pipeline.tagging import run_tagging
 from pipeline.training import MODEL_DIR, run_training
 
@@ -79,22 +80,31 @@ def variant_config(
     )
 
 
-def twin_accuracy(tags_dir: Path, data: Path) -> float:
-    """Over clips with exactly one motion of a twin pair (e.g. left, not right): how often the
-    true twin scores higher. Order-free video features give 0.5 in expectation."""
+def twin_accuracy(tags_dir: Path, data: Path) -> dict[str, float]:
+    """Per twin pair, over clips with exactly one of its motions (e.g. left, not right): how
+    often the true twin scores higher; and "all", over every pair's clips. Order-free video
+    features give 0.5 in expectation."""
     manifest = read_manifest(str(data / mf.TEST_MANIFEST))
     scores, _, _ = join_scores(read_tags(str(tags_dir)), manifest, list(mf.GARMENTS + mf.MOTIONS))
-    hits = []
+    accuracy, every = {}, []
     for first, second in mf.ORDER_ONLY_PAIRS:
         a, b = scores.labels.index(first), scores.labels.index(second)
         has_a, has_b = scores.targets[:, a] == 1, scores.targets[:, b] == 1
         margin = scores.scores[:, a] - scores.scores[:, b]
-        hits += list(margin[has_a & ~has_b] > 0) + list(margin[has_b & ~has_a] < 0)
-    return float(np.mean(hits))
+        hits = list(margin[has_a & ~has_b] > 0) + list(margin[has_b & ~has_a] < 0)
+        accuracy[pair_name(first, second)] = float(np.mean(hits))
+        every += hits
+    return {"all": float(np.mean(every)), **accuracy}
+
+
+def pair_name(first: str, second: str) -> str:
+    """ "moving left", "moving right" -> "left/right"."""
+    return f"{first.split()[-1]}/{second.split()[-1]}"
 
 
 def run_variant(name: str, data: Path, out: Path, seed: int, overrides: list[str] = ()) -> dict:
     cfg = variant_config(name, data, out, seed, overrides)
+    run = f"{name}-seed{seed}"
     started = time.perf_counter()
     checkpoint = None
     if name not in UNTRAINED:
@@ -104,23 +114,24 @@ def run_variant(name: str, data: Path, out: Path, seed: int, overrides: list[str
     run_tagging(
         cfg,
         str(data / mf.TEST_MANIFEST),
-        str(out / "tags" / name),
+        str(out / "tags" / run),
         labels=str(data / mf.VOCABULARY),
         checkpoint=checkpoint,
         full=True,
     )
     metrics = run_evaluation(
         cfg,
-        str(out / "tags" / name),
+        str(out / "tags" / run),
         str(data / mf.TEST_MANIFEST),
-        str(out / "eval" / name),
+        str(out / "eval" / run),
         str(data / mf.VOCABULARY),
         title=f"Moving Fashion: {name}",
     )
     motion_ap, motion_chance = motion_ap_over_chance(metrics)
-    twins = twin_accuracy(out / "tags" / name, data)
+    twins = twin_accuracy(out / "tags" / run, data)
     return {
         "variant": name,
+        "seed": seed,
         "checkpoint": checkpoint,
         "map_base": metrics["map_base"],
         "map_novel": metrics["map_novel"],
@@ -131,7 +142,8 @@ def run_variant(name: str, data: Path, out: Path, seed: int, overrides: list[str
         "motion_novel": metrics["by_type"]["motion"]["map_novel"],
         "motion_ap": motion_ap,
         "motion_chance_ap": motion_chance,
-        "twin_accuracy": twins,
+        "twin_accuracy": twins["all"],
+        **{f"twin {pair}": value for pair, value in twins.items() if pair != "all"},
         "ece": metrics["ece"],
         "train_s": trained - started,
         "total_s": time.perf_counter() - started,
@@ -148,34 +160,43 @@ def publish(checkpoint: str, directory: Path) -> Path:
     return save_checkpoint(model, directory)
 
 
+TWIN_PAIRS = tuple(pair_name(a, b) for a, b in mf.ORDER_ONLY_PAIRS)
+COLUMNS = (
+    ("map_base", "mAP base"),
+    ("map_novel", "mAP novel"),
+    ("harmonic_mean", "HM"),
+    ("garment_base", "garment base"),
+    ("garment_novel", "garment novel"),
+    ("motion_base", "motion base"),
+    ("motion_novel", "motion novel"),
+    ("twin_accuracy", "twin acc."),
+    *((f"twin {pair}", pair) for pair in TWIN_PAIRS),
+    ("ece", "ECE"),
+    ("total_s", "wall s"),
+)
+
+
 def table(rows: list[dict]) -> str:
-    columns = [
-        ("variant", "variant"),
-        ("map_base", "mAP base"),
-        ("map_novel", "mAP novel"),
-        ("harmonic_mean", "HM"),
-        ("garment_base", "garment base"),
-        ("garment_novel", "garment novel"),
-        ("motion_base", "motion base"),
-        ("motion_novel", "motion novel"),
-        ("motion_ap", "motion AP (chance)"),
-        ("twin_accuracy", "twin acc."),
-        ("ece", "ECE"),
-        ("total_s", "wall s"),
+    """One line per variant, in run order: the mean over its seeds, +- their standard
+    deviation when there are several."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    lines = [
+        "| variant | seeds | " + " | ".join(h for _, h in COLUMNS) + " |",
+        "|" + "---|" * (len(COLUMNS) + 2),
     ]
-    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = []
-        for key, _ in columns:
-            value = row[key]
-            if key == "motion_ap":
-                cells.append(f"{value:.3f} ({row['motion_chance_ap']:.3f})")
-            elif key == "total_s":
-                cells.append(f"{value:.0f}")
-            elif isinstance(value, float):
-                cells.append(f"{value:.3f}")
-            else:
-                cells.append(str(value))
+    for variant in variants:
+        runs = [r for r in rows if r["variant"] == variant]
+        cells = [variant, ",".join(str(r.get("seed", 0)) for r in runs)]
+        for key, _ in COLUMNS:
+            values = np.array([r[key] for r in runs if key in r], dtype=float)
+            if not len(values):
+                cells.append("")
+                continue
+            digits = 0 if key == "total_s" else 3
+            cell = f"{values.mean():.{digits}f}"
+            if len(values) > 1:
+                cell += f" ± {values.std(ddof=1):.{digits}f}"
+            cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -184,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="runs/moving-fashion/data", help="benchmark folder")
     parser.add_argument("--size", choices=sorted(mf.SIZES), default="quick")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="training seeds (the data keeps its own)"
+    )
     parser.add_argument("--out", default="runs/moving-fashion-ablation")
     parser.add_argument("--variants", nargs="+", default=list(ORDER), choices=ORDER)
     parser.add_argument(
@@ -209,24 +232,27 @@ def main(argv: list[str] | None = None) -> int:
         (row,) = [
             r
             for r in json.loads((out / "ablation.json").read_text())
-            if r["variant"] == args.publish
+            if r["variant"] == args.publish and r.get("seed", 0) == args.seeds[0]
         ]
         print(f"{publish(row['checkpoint'], DEMO_MODEL)}: {args.publish} from {row['checkpoint']}")
         return 0
     if args.summarize:
-        rows = json.loads((out / "ablation.json").read_text())
-        for row in rows:
-            row.setdefault("twin_accuracy", twin_accuracy(out / "tags" / row["variant"], data))
-        print(table(rows))
+        print(table(json.loads((out / "ablation.json").read_text())))
         return 0
     if not (data / mf.INFO).is_file():
-        mf.build_benchmark(data, args.size, seed=args.seed)
+        mf.build_benchmark(data, args.size)
     ray.init(num_cpus=max(os.cpu_count() or 1, 2))
-    rows = []
+    # A rerun with the same --out keeps the rows it finds and runs only the missing ones.
+    results = out / "ablation.json"
+    rows = json.loads(results.read_text()) if results.is_file() else []
+    done = {(r["variant"], r.get("seed", 0)) for r in rows}
     for name in args.variants:
-        rows.append(run_variant(name, data, out, args.seed, args.overrides))
-        print(table(rows), flush=True)
-        (out / "ablation.json").write_text(json.dumps(json_safe(rows), indent=1) + "\n")
+        for seed in args.seeds:
+            if (name, seed) in done:
+                continue
+            rows.append(run_variant(name, data, out, seed, args.overrides))
+            print(table(rows), flush=True)
+            write_text_atomic(str(results), json.dumps(json_safe(rows), indent=1) + "\n")
     print(f"\n{table(rows)}\n\nreports: {out / 'eval'}/<variant>/report.html")
     return 0
 

@@ -4,11 +4,13 @@ downloaded here.
 
 Each still shows one garment posed as in the clips (`ovml_core.moving_fashion.sample_still`).
 Its caption names the garment and, like web alt-text, some of what the picture shows: where
-the garment is ("on the left", "down at the bottom"), its size ("zoomed in") and its turn
+the garment is ("on the left", "shifted down"), its size ("zoomed in") and its turn
 ("turned clockwise"). A pretrained CLIP knows such words; a text tower trained on garment
 names alone maps "moving left" and "moving right" to the same point (cosine 1.00 measured),
-and then no video encoder can tell them apart. Stills cannot show motion, so the motion
-labels stay unseen as phrases: only their words were grounded.
+and then no video encoder can tell them apart. Opposites differ in one word, so that word
+("left", "down", "in") carries the meaning: with "up at the top" vs "down at the bottom" the
+tower read "top" and "bottom" and kept "moving up" and "moving down" at one point. Stills
+cannot show motion: the motion labels stay unseen as phrases, only their words are grounded.
 
 The loss is CLIP's contrastive cross-entropy, both directions, over the batch's captions plus
 one bare "a photo of a {garment}." per class. Captions repeat and are partial descriptions, so
@@ -49,7 +51,7 @@ CAPTION_TEMPLATES = (
 # Phrases a still's pose makes true, in pairs of opposites (what `facts_of` reads off a pose).
 FACT_PAIRS = (
     ("on the left", "on the right"),
-    ("up at the top", "down at the bottom"),
+    ("shifted up", "shifted down"),
     ("zoomed in", "zoomed out"),
     ("turned clockwise", "turned counterclockwise"),
 )

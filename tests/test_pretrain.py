@@ -42,13 +42,13 @@ def test_stills_show_one_garment_of_its_class():
 def test_facts_read_off_the_pose():
     assert facts_of((10.0, 40.0, 90.0, 1.1)) == {
         "on the left",
-        "down at the bottom",
+        "shifted down",
         "zoomed in",
         "turned counterclockwise",
     }
     assert facts_of((40.0, 10.0, 270.0, 0.7)) == {
         "on the right",
-        "up at the top",
+        "shifted up",
         "zoomed out",
         "turned clockwise",
     }
