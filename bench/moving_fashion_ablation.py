@@ -29,6 +29,7 @@ from ovml_core import moving_fashion as mf
 from ovml_core.checkpoint import load_checkpoint, save_checkpoint
 from ovml_core.config import Config
 from ovml_core.finetune import json_safe
+from ovml_core.metrics import twin_hits
 from pipeline.evaluation import join_scores, run_evaluation
 from pipeline.manifest import read_manifest
 from pipeline.parquet_io import read_tags, write_text_atomic
@@ -88,12 +89,10 @@ def twin_accuracy(tags_dir: Path, data: Path) -> dict[str, float]:
     scores, _, _ = join_scores(read_tags(str(tags_dir)), manifest, list(mf.GARMENTS + mf.MOTIONS))
     accuracy, every = {}, []
     for first, second in mf.ORDER_ONLY_PAIRS:
-        a, b = scores.labels.index(first), scores.labels.index(second)
-        has_a, has_b = scores.targets[:, a] == 1, scores.targets[:, b] == 1
-        margin = scores.scores[:, a] - scores.scores[:, b]
-        hits = list(margin[has_a & ~has_b] > 0) + list(margin[has_b & ~has_a] < 0)
+        first_index, second_index = scores.labels.index(first), scores.labels.index(second)
+        hits = twin_hits(scores.scores, scores.targets, first_index, second_index)
         accuracy[pair_name(first, second)] = float(np.mean(hits))
-        every += hits
+        every += list(hits)
     return {"all": float(np.mean(every)), **accuracy}
 
 

@@ -3,9 +3,12 @@
 one batch with its regularizers, validation, exporting, and resumable training state.
 
 "Pretrained" means the model as `create_model` builds it. Its temporal branch is
-zero-initialised, so at that point the video tower is exactly frame-mean CLIP: `l2sp` and
-`patch` pull the video tower's trainable weights back towards that state, and `distill` pulls
-video and label features towards a frozen frame-mean CLIP with plain prompts (the teacher).
+zero-initialised, so at that point the video tower is exactly frame-mean CLIP: `patch`
+interpolates the video tower's trainable weights back towards that state (WiSE-FT towards the
+zero-shot model). `l2sp` pulls only the pretrained CLIP vision weights (L2-SP, Li et al.
+2018: new layers get plain weight decay); pulling the temporal branch back to its zero init
+too undid what it learned (Moving Fashion, BENCHMARKS.md). `distill` pulls video and label
+features towards a frozen frame-mean CLIP with plain prompts (the teacher).
 The CLIP text tower and the LLM never train, so the label side is regularized by `distill` only.
 
 Training state is safetensors + JSON, never pickle.
@@ -161,6 +164,12 @@ class Objective:
         check_regularizers(model.config, train)
         uses_pretrained = {"l2sp", "patch"} & set(train.regularizers)
         self.pretrained_visual = reference_state(model.visual) if uses_pretrained else None
+        # The CLIP tower's share of it, the same tensors, named as in `model.visual.visual`.
+        self.pretrained_clip = {
+            name.removeprefix("visual."): value
+            for name, value in (self.pretrained_visual or {}).items()
+            if name.startswith("visual.")
+        }
 
     def __call__(
         self,
@@ -204,7 +213,7 @@ class Objective:
                 + distillation_loss(label_emb.float(), teacher_labels.float())
             )
         if "l2sp" in train.regularizers:
-            reg = reg + train.l2sp_weight * l2sp_penalty(model.visual, self.pretrained_visual)
+            reg = reg + train.l2sp_weight * l2sp_penalty(model.visual.visual, self.pretrained_clip)
         if "patch" in train.regularizers and train.patch_loss_weight > 0:
 
             def loss_at_interpolated_weights() -> torch.Tensor:
@@ -219,11 +228,16 @@ class Objective:
 
 
 def check_regularizers(model: ModelConfig, train: TrainConfig) -> None:
-    """`l2sp` and `patch` act on the video tower's trainable weights: there must be some."""
-    weight_based = sorted({"l2sp", "patch"} & set(train.regularizers))
-    if weight_based and model.temporal != "divided" and train.lr_clip <= 0:
+    """`l2sp` acts on the CLIP vision weights and `patch` on the video tower's trainable
+    weights: there must be some."""
+    if "l2sp" in train.regularizers and train.lr_clip <= 0:
         raise ConfigError(
-            f"train.regularizers: {', '.join(weight_based)} need trainable video weights, but "
+            "train.regularizers: l2sp pulls the CLIP vision weights towards their pretrained "
+            "values, but train.lr_clip is 0 (frozen): set train.lr_clip > 0 or drop l2sp"
+        )
+    if "patch" in train.regularizers and model.temporal != "divided" and train.lr_clip <= 0:
+        raise ConfigError(
+            "train.regularizers: patch needs trainable video weights, but "
             f"model.temporal={model.temporal!r} has none and train.lr_clip is 0"
         )
 

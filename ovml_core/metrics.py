@@ -115,6 +115,18 @@ def subset_map(
     return mean_average_precision(scores[:, columns], targets[:, columns])
 
 
+def twin_hits(scores: ArrayLike, targets: ArrayLike, first: int, second: int) -> np.ndarray:
+    """For labels `first` and `second` (e.g. "moving left" and its time reversal "moving
+    right"): over the videos that hold exactly one of them, whether that one scores higher.
+    Its mean is 0.5 in expectation for a model that cannot tell the two apart."""
+    scores, targets = _scores_and_targets(scores, targets)
+    margin = scores[:, first] - scores[:, second]
+    has_first, has_second = targets[:, first] == 1, targets[:, second] == 1
+    return np.concatenate(
+        [margin[has_first & ~has_second] > 0, margin[has_second & ~has_first] < 0]
+    )
+
+
 def harmonic_mean(a: float, b: float) -> float:
     """2ab / (a + b); 0 when both are 0, NaN when either is NaN."""
     if math.isnan(a) or math.isnan(b):

@@ -134,3 +134,14 @@ def test_ece_rejects_bad_input():
         expected_calibration_error(np.array([[1.5]]), np.array([[1]]))
     with pytest.raises(ValueError, match="num_bins"):
         expected_calibration_error(np.array([[0.5]]), np.array([[1]]), num_bins=0)
+
+
+def test_twin_hits_count_only_videos_with_exactly_one_twin():
+    from ovml_core.metrics import twin_hits
+
+    # columns: left, right, other
+    scores = np.array([[0.9, 0.1, 0], [0.2, 0.8, 0], [0.7, 0.3, 0], [0.5, 0.6, 0], [0.9, 0.1, 0]])
+    targets = np.array([[1, 0, 0], [0, 1, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1]])
+    hits = twin_hits(scores, targets, 0, 1)
+    # video 3 holds both and video 4 neither: left out; videos 0-2 right, right, wrong.
+    assert sorted(hits.tolist()) == [False, True, True]

@@ -20,6 +20,7 @@ import yaml
 from ovml_core.checkpoint import load_checkpoint, model_fingerprint
 from ovml_core.config import Config, ConfigError
 from ovml_core.finetune import (
+    Objective,
     Progress,
     build_optimizer,
     check_regularizers,
@@ -158,6 +159,29 @@ def test_bad_training_config_fails_naming_the_field(videos, tmp_path):
     frame_mean = Config.from_yaml(TINY_CONFIG, ["model.temporal=none", "train.regularizers=[l2sp]"])
     with pytest.raises(ConfigError, match="train.regularizers: l2sp"):
         check_regularizers(frame_mean.model, frame_mean.train)
+    # A divided branch alone gives `patch` weights to interpolate, but nothing for `l2sp`.
+    frozen_clip = Config.from_yaml(TINY_CONFIG, ["train.regularizers=[l2sp]"])
+    with pytest.raises(ConfigError, match="train.lr_clip"):
+        check_regularizers(frozen_clip.model, frozen_clip.train)
+    patch = Config.from_yaml(TINY_CONFIG, ["train.regularizers=[patch]"])
+    check_regularizers(patch.model, patch.train)
+
+
+def test_l2sp_pulls_pretrained_clip_weights_but_not_the_new_temporal_branch():
+    cfg, model = _model(regularizers="[l2sp]", lr_clip=1e-3)
+    objective = Objective(model, cfg.train, BASE)
+    video = torch.zeros(1, 4)
+
+    def penalty() -> float:
+        return objective.regularizer(model, None, [], video, None, None, None).item()
+
+    with torch.no_grad():
+        for param in model.visual.temporal_parameters():
+            param.add_(0.5)  # trained far from its zero init: not penalised
+        assert penalty() == 0.0
+        model.visual.visual.conv1.weight.add_(0.1)  # a pretrained weight moved: penalised
+    expected = cfg.train.l2sp_weight * 0.1**2 * model.visual.visual.conv1.weight.numel()
+    assert penalty() == pytest.approx(expected, rel=1e-4)
 
 
 # ---------------------------------------------------------------- Ray Train, end to end
@@ -213,6 +237,7 @@ def _config(manifest: Path, storage: Path, name: str, **train) -> Config:
         "warmup_steps": 1,
         "checkpoint_every_steps": 1,
         "regularizers": "[distill, l2sp, patch]",
+        "lr_clip": 1e-3,  # l2sp pulls CLIP vision weights: they must train
         "patch_loss_weight": 0.5,
         **train,
     }
