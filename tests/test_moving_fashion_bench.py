@@ -1,0 +1,55 @@
+"""The Moving Fashion bench scripts: the ablation table averages each variant over its seeds;
+the order probe trains and reports every twin pair."""
+
+import importlib.util
+import json
+
+import pytest
+
+from ovml_core import moving_fashion as mf
+from tests.conftest import REPO
+
+
+def load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_ablation():
+    return load_bench("moving_fashion_ablation")
+
+
+def row(variant, seed, value):
+    ablation = load_ablation()
+    metrics = {key: value for key, _ in ablation.COLUMNS}
+    return {"variant": variant, "seed": seed, **metrics}
+
+
+def test_one_line_per_variant_with_mean_and_spread_over_seeds():
+    ablation = load_ablation()
+    rows = [row("zero_shot", 0, 0.3), row("full", 0, 0.4), row("full", 1, 0.6)]
+    lines = ablation.table(rows).splitlines()
+    assert len(lines) == 4  # header, rule, one line per variant in run order
+    zero_shot, full = (line.split(" | ") for line in lines[2:])
+    assert zero_shot[0] == "| zero_shot" and zero_shot[1] == "0" and zero_shot[2] == "0.300"
+    assert full[1] == "0,1" and full[2] == "0.500 ± 0.141"  # sample std of 0.4 and 0.6
+    assert ablation.pair_name("moving left", "moving right") == "left/right"
+    assert ablation.TWIN_PAIRS == ("left/right", "up/down", "clockwise/counterclockwise", "in/out")
+
+
+@pytest.mark.skipif(
+    not (mf.DEFAULT_SOURCE / "t10k-labels-idx1-ubyte.gz").is_file(),
+    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+)
+def test_order_probe_reports_maps_and_every_twin_pair(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    probe = load_bench("moving_fashion_order_probe")
+    assert probe.main(["--steps", "2", "--every", "1", "--batch-size", "4"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["step"] for line in lines] == [0, 1, 2]
+    for line in lines:
+        for key in ("base", "novel", "left/right", "up/down", "clockwise/counterclockwise"):
+            assert 0.0 <= line[key] <= 1.0, (key, line)
+    assert lines[1]["clips/s"] > 0
