@@ -9,8 +9,10 @@ process and one local Ray instance: `pipeline.training.run_training`, then
 `pipeline.tagging.run_tagging` on test.parquet with the full vocabulary (novel labels
 included), then `pipeline.evaluation.run_evaluation`. Prints a Markdown table and writes
 ablation.json and one report.html per variant and seed under --out; a rerun with the same
---out runs only the variant/seed pairs it does not hold yet. The CLIP weights of stage 0 must
-exist (jobs/pretrain_clip.py); the benchmark is built first if --data does not hold it.
+--out runs only the variant/seed pairs it does not hold yet (training resumes its run
+folder: after a code change delete <out>/runs/<variant>-seed<N>, or the finished run is
+reused). The CLIP weights of stage 0 must exist (jobs/pretrain_clip.py); the benchmark is
+built first if --data does not hold it.
 """
 
 from __future__ import annotations
