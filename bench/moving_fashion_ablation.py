@@ -186,8 +186,8 @@ def table(rows: list[dict]) -> str:
         "|" + "---|" * (len(COLUMNS) + 2),
     ]
     for variant in variants:
-        runs = [r for r in rows if r["variant"] == variant]
-        cells = [variant, ",".join(str(r.get("seed", 0)) for r in runs)]
+        runs = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seed"])
+        cells = [variant, ",".join(str(r["seed"]) for r in runs)]
         for key, _ in COLUMNS:
             values = np.array([r[key] for r in runs if key in r], dtype=float)
             if not len(values):
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         (row,) = [
             r
             for r in json.loads((out / "ablation.json").read_text())
-            if r["variant"] == args.publish and r.get("seed", 0) == args.seeds[0]
+            if r["variant"] == args.publish and r["seed"] == args.seeds[0]
         ]
         print(f"{publish(row['checkpoint'], DEMO_MODEL)}: {args.publish} from {row['checkpoint']}")
         return 0
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     # A rerun with the same --out keeps the rows it finds and runs only the missing ones.
     results = out / "ablation.json"
     rows = json.loads(results.read_text()) if results.is_file() else []
-    done = {(r["variant"], r.get("seed", 0)) for r in rows}
+    done = {(r["variant"], r["seed"]) for r in rows}
     for name in args.variants:
         for seed in args.seeds:
             if (name, seed) in done:
