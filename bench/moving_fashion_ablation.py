@@ -32,6 +32,7 @@ from ovml_core.checkpoint import load_checkpoint, save_checkpoint
 from ovml_core.config import Config
 from ovml_core.finetune import json_safe
 from ovml_core.metrics import twin_hits
+from pipeline.cli import add_overrides
 from pipeline.evaluation import join_scores, run_evaluation
 from pipeline.manifest import read_manifest
 from pipeline.parquet_io import read_tags, write_text_atomic
@@ -83,12 +84,12 @@ def variant_config(
     )
 
 
-def twin_accuracy(tags_dir: Path, data: Path) -> dict[str, float]:
+def twin_accuracy(tags_dir: Path, manifest: Path) -> dict[str, float]:
     """Per twin pair, over clips with exactly one of its motions (e.g. left, not right): how
     often the true twin scores higher; and "all", over every pair's clips. Order-free video
     features give 0.5 in expectation."""
-    manifest = read_manifest(str(data / mf.TEST_MANIFEST))
-    scores, _, _ = join_scores(read_tags(str(tags_dir)), manifest, list(mf.GARMENTS + mf.MOTIONS))
+    truth = read_manifest(str(manifest))
+    scores, _, _ = join_scores(read_tags(str(tags_dir)), truth, list(mf.GARMENTS + mf.MOTIONS))
     accuracy, every = {}, []
     for first, second in mf.ORDER_ONLY_PAIRS:
         first_index, second_index = scores.labels.index(first), scores.labels.index(second)
@@ -129,7 +130,7 @@ def run_variant(name: str, data: Path, out: Path, seed: int, overrides: list[str
         title=f"Moving Fashion: {name}",
     )
     motion_ap, motion_chance = motion_ap_over_chance(metrics)
-    twins = twin_accuracy(out / "tags" / run, data)
+    twins = twin_accuracy(out / "tags" / run, data / mf.TEST_MANIFEST)
     return {
         "variant": name,
         "seed": seed,
@@ -211,14 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default="runs/moving-fashion-ablation")
     parser.add_argument("--variants", nargs="+", default=list(ORDER), choices=ORDER)
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a field of every variant, e.g. --set train.epochs=8",
-    )
+    add_overrides(parser, "override a field of every variant, e.g. --set train.epochs=8")
     parser.add_argument(
         "--publish",
         metavar="VARIANT",

@@ -21,15 +21,20 @@ def job_parser(prog: str, description: str, override_example: str) -> argparse.A
     """The arguments every job shares: a YAML config and `--set section.key=value` overrides."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", required=True, help="YAML config (e.g. configs/tiny.yaml)")
+    add_overrides(parser, f"override a config field, e.g. --set {override_example} (repeatable)")
+    return parser
+
+
+def add_overrides(parser: argparse.ArgumentParser, help: str) -> None:
+    """`--set section.key=value`, repeatable, collected in `args.overrides`."""
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help=f"override a config field, e.g. --set {override_example} (repeatable)",
+        help=help,
     )
-    return parser
 
 
 def log_to_console() -> None:
