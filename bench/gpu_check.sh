@@ -5,7 +5,7 @@
 #   bench/gpu_check.sh WHEEL_DIR [--dry-run] [--out FILE]     # fresh venv from WHEEL_DIR
 #   bench/gpu_check.sh --python .venv/bin/python --dry-run    # an existing environment
 #
-# --dry-run: the same steps with tiny sizes on CPU (GPU tests skip themselves), ~2 minutes.
+# --dry-run: the same steps with tiny sizes (on a host without CUDA the GPU tests skip themselves), ~2 minutes.
 # Every step runs under its own time limit, so the whole stays under 8 minutes; a step that
 # hits its limit is logged with exit code 124 (the encoder keeps the rows it measured).
 #

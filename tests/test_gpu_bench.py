@@ -9,6 +9,7 @@ import sys
 
 import open_clip
 import pytest
+import torch
 
 from ovml_core.capacity import main as plan_main
 from ovml_core.capacity import video_encoder_flops
@@ -31,16 +32,26 @@ def dry_run(tmp_path_factory):
     return json.loads(out.read_text()), done.stdout
 
 
+# The dry run uses whatever device this host has: on a GPU host the GPU tests run and pass.
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
 @pytest.mark.slow
-def test_every_step_ran_and_the_gpu_tests_skip_with_a_reason(dry_run):
+def test_every_step_ran_and_the_gpu_tests_ran_or_skipped_with_a_reason(dry_run):
     results, _ = dry_run
     steps = {row["step"]: row["exit_code"] for row in results["steps"]}
     assert steps == {"tests": 0, "decode": 0, "encoder": 0, "tagging": 0}
     tests = results["tests"]
-    assert tests["failed"]["count"] == 0 and tests["passed"]["count"] == 0
+    assert tests["failed"]["count"] == 0
     skipped = tests["skipped"]["names"]
-    assert sum("needs a CUDA GPU" in name for name in skipped) >= 6
     assert all(name.rsplit(": ", 1)[1] for name in skipped)  # every skip says why
+    if HAS_CUDA:
+        assert tests["passed"]["count"] >= 6
+        assert not any("needs a CUDA GPU" in name for name in skipped)
+    else:
+        assert tests["passed"]["count"] == 0
+        assert sum("needs a CUDA GPU" in name for name in skipped) >= 6
 
 
 @pytest.mark.slow
@@ -72,7 +83,8 @@ def test_encoder_rows_for_each_variant_and_counted_flops_match_the_model(dry_run
         cfg["vision_cfg"], cfg["embed_dim"], encoder["num_frames"], encoder["temporal"]
     )
     assert encoder["flops_per_clip"] == expected
-    assert encoder["bf16_peak_tflops"] is None  # a CPU has no entry: no made-up fraction
+    if not HAS_CUDA:
+        assert encoder["bf16_peak_tflops"] is None  # a CPU has no entry: no made-up fraction
     assert encoder["copy_ms_pinned"] > 0
 
 
@@ -82,7 +94,7 @@ def test_tagging_run_reports_both_stages(dry_run):
     tagging = results["tagging"]
     assert tagging["ok"] == tagging["videos"] == 6 and tagging["errored"] == 0
     stages = tagging["stages"]
-    assert stages["videos"] == 6 and stages["encode_device"] == "cpu"
+    assert stages["videos"] == 6 and stages["encode_device"] == DEVICE
     assert stages["decode_busy_s"] > 0 and stages["encode_busy_s"] > 0
     assert "bottleneck" in stdout
 
