@@ -43,6 +43,7 @@ from pipeline.parquet_io import (
     read_tags,
     tags_schema,
 )
+from pipeline.remote_checkpoint import local_checkpoint
 from pipeline.stage_meter import (
     StageMeter,
     StageReport,
@@ -62,12 +63,13 @@ class ModelSource:
     """What an actor needs to build the model itself (a model object never travels via Ray)."""
 
     config: ModelConfig
-    checkpoint: str | None = None  # a directory every node can read; None = untrained model
+    checkpoint: str | None = None  # a local directory or s3:// / gs://; None = untrained model
+    filesystems: Filesystems | None = None  # for a remote checkpoint (else from the environment)
 
     def load(self, device: str = "cpu") -> OVMLModel:
         if self.checkpoint is None:
             return create_model(self.config, device)
-        return load_checkpoint(self.checkpoint, device)
+        return load_checkpoint(local_checkpoint(self.checkpoint, self.filesystems), device)
 
 
 @dataclass
@@ -405,7 +407,7 @@ def run_tagging(
     table = read_manifest(
         manifest, allowed_schemes=cfg.tag.allowed_schemes, filesystems=filesystems
     )
-    source = ModelSource(cfg.model, checkpoint)
+    source = ModelSource(cfg.model, checkpoint, filesystems)
     fingerprint, bank, image_size = load_model_facts(source, labels, label_bank, filesystems)
 
     current = None if full else read_tags(out, columns=INDEX_COLUMNS, filesystems=filesystems)
@@ -489,7 +491,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     labels = parser.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help="vocabulary file (txt: one label per line; CSV; YAML)")
     labels.add_argument("--label-bank", help="Parquet label bank from jobs/build_label_bank.py")
-    parser.add_argument("--checkpoint", help="trained checkpoint directory (default: untrained)")
+    parser.add_argument(
+        "--checkpoint",
+        help="trained checkpoint directory, local, s3:// or gs:// (default: untrained)",
+    )
     parser.add_argument("--full", action="store_true", help="re-tag every video")
     return parser.parse_args(argv)
 

@@ -1,0 +1,97 @@
+"""`--checkpoint s3://...` / `gs://...`: a remote checkpoint directory as a local cached copy.
+
+Training writes checkpoints to `train.storage_path` (often S3 or GCS); `load_checkpoint` reads
+a local directory. `local_checkpoint` downloads the two files a checkpoint is made of
+(config.json and model.safetensors, never a pickle) through pyarrow.fs, with credentials from
+the environment or the `filesystems` given, into
+
+    $OVML_CACHE_DIR (default ~/.cache/ovml) / checkpoints / <key>/
+
+where the key hashes the URI with each file's size and modification time: a checkpoint
+re-uploaded under the same URI gets a new key and is downloaded again; an unchanged one is
+reused. The driver and every actor call it (each node fills its own cache once); a copy only
+appears under its key when complete, so concurrent callers never load half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from ovml_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
+from pipeline.manifest import Filesystems, resolve, uri_scheme
+
+CACHE_ENV = "OVML_CACHE_DIR"
+CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+
+
+def cache_root() -> Path:
+    """Where downloaded checkpoints live: $OVML_CACHE_DIR/checkpoints, else ~/.cache/ovml/..."""
+    base = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ovml"
+    return Path(base) / "checkpoints"
+
+
+def local_checkpoint(checkpoint: str, filesystems: Filesystems | None = None) -> str:
+    """A local directory holding `checkpoint`: the path itself when it is local, else the
+    cached copy of the remote directory (downloaded when missing or changed)."""
+    if uri_scheme(checkpoint) == "file":
+        return checkpoint
+    fs, directory = resolve(checkpoint, filesystems)
+    try:
+        infos = _remote_files(checkpoint, fs, directory)
+        target = cache_root() / _cache_key(checkpoint, infos)
+        if not target.is_dir():
+            _download(fs, infos, target)
+    except (OSError, pa.ArrowException) as err:
+        raise CheckpointError(f"checkpoint {checkpoint}: unreadable ({err})") from err
+    return str(target)
+
+
+def _remote_files(checkpoint: str, fs: pafs.FileSystem, directory: str) -> list[pafs.FileInfo]:
+    """FileInfo of config.json and model.safetensors; CheckpointError naming what is missing."""
+    infos = fs.get_file_info([posixpath.join(directory, name) for name in CHECKPOINT_FILES])
+    missing = [i.base_name for i in infos if i.type != pafs.FileType.File]
+    if missing:
+        listing = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+        present = sorted(i.base_name for i in listing) or ["nothing"]
+        raise CheckpointError(
+            f"checkpoint {checkpoint}: no {' or '.join(missing)} there (found: "
+            f"{', '.join(present)}); ovml loads {WEIGHTS_FILE} (safetensors) and {CONFIG_FILE} "
+            "only, never pickle weights"
+        )
+    return infos
+
+
+def _cache_key(checkpoint: str, infos: list[pafs.FileInfo]) -> str:
+    identity = [checkpoint.rstrip("/")]
+    identity += [f"{i.base_name}:{i.size}:{i.mtime_ns}" for i in infos]
+    return hashlib.sha256("\n".join(identity).encode()).hexdigest()[:24]
+
+
+def _download(fs: pafs.FileSystem, infos: list[pafs.FileInfo], target: Path) -> None:
+    """Copy the files into a hidden folder next to `target`, then rename it to `target`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        local = pafs.LocalFileSystem()
+        for info in infos:
+            pafs.copy_files(
+                info.path,
+                str(staging / info.base_name),
+                source_filesystem=fs,
+                destination_filesystem=local,
+            )
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.is_dir():  # not a concurrent caller finishing first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
