@@ -1,0 +1,32 @@
+"""The library's public names come from the package itself, and importing it stays light."""
+
+import subprocess
+import sys
+
+import pytest
+
+import ovml_core
+
+
+@pytest.mark.parametrize("name", ovml_core.__all__)
+def test_public_name_is_the_object_its_module_defines(name):
+    module = __import__(ovml_core._EXPORTS[name], fromlist=[name])
+    assert getattr(ovml_core, name) is getattr(module, name)
+
+
+def test_all_lists_every_export():
+    assert sorted(ovml_core.__all__) == sorted(ovml_core._EXPORTS)
+
+
+def test_unknown_name_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        _ = ovml_core.no_such_thing
+
+
+def test_importing_the_config_does_not_load_the_model_stack():
+    code = (
+        "import sys, ovml_core.config; "
+        "print(sorted(m for m in ('open_clip', 'transformers', 'av', 'ray') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
