@@ -1,5 +1,7 @@
 """Evaluate a tagging run: `python jobs/evaluate.py --config C --tags DIR --manifest M --out DIR
-[--labels VOCAB]` writes metrics.json and a self-contained report.html (`pipeline.evaluation`).
+[--labels VOCAB] [--fit-calibration | --calibration VAL_METRICS_JSON]` writes metrics.json and a
+self-contained report.html (`pipeline.evaluation`). A vocabulary with a `means` column (other
+words for the manifest's labels) is scored against the labels it means.
 """
 
 import sys

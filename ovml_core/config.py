@@ -52,6 +52,9 @@ class ModelConfig:
     prompting_layers: int = 1  # depth of the prompting transformer (d_llm -> d_clip_text)
     init_scale: float = math.log(10.0)  # logit scale is exp(scale)
     init_bias: float = -10.0
+    # Start the scale from the pretrained CLIP's own `logit_scale` instead of init_scale (and
+    # the bias from its `logit_bias`, when it has one, as SigLIP-style CLIPs do).
+    init_scale_from_clip: bool = False
     seed: int = 0
 
     def validate(self, prefix: str = "model") -> None:
@@ -103,7 +106,10 @@ class TagConfig:
     encode_num_gpus: float | None = None  # None = 1 when the cluster has GPUs, else 0
     torch_threads: int = 1  # intra-op threads per encode actor
     compile: bool = False  # torch.compile the video encoder in each encode actor
-    emit_embedding: bool = False
+    # Keep each video's embedding in its row: a changed vocabulary is then re-scored from it
+    # without decoding; rows without one are encoded again.
+    emit_embedding: bool = True
+    rescore_batch_size: int = 4096  # stored rows per re-scoring batch
     allowed_schemes: list[str] = field(default_factory=lambda: ["file", "s3", "gs"])
     retry_errors: bool = True  # rerun videos whose current row has an error
     rows_per_file: int = 1000  # rows per output part file (what a killed run can lose, at most)
@@ -116,6 +122,7 @@ class TagConfig:
         _positive(f"{prefix}.encode_actors", self.encode_actors)
         _positive(f"{prefix}.torch_threads", self.torch_threads)
         _positive(f"{prefix}.rows_per_file", self.rows_per_file)
+        _positive(f"{prefix}.rescore_batch_size", self.rescore_batch_size)
         for s in self.allowed_schemes:
             _choice(f"{prefix}.allowed_schemes", s, ("file", "s3", "gs"))
 

@@ -3,7 +3,10 @@
 Input is a score for EVERY (video, label) pair, [N, L], and 0/1 targets. Metrics: mAP over all
 labels, base / novel / harmonic mean, the same per label type (e.g. garment / motion), ECE, and
 each label's AP next to its chance level (its share of positive videos, what a random ranking
-scores on average). The report draws them as inline SVG, plus a few sample frames (PNG made by
+scores on average). Given a `PlattScaling` (`fit_calibration`, fit on the BASE labels of a
+validation split), also the ECE and the thresholded numbers (micro precision / recall / F1) of
+the calibrated scores: every model, zero-shot included, is calibrated the same way before any
+number that depends on the scores' scale. mAP never depends on it. The report draws them as inline SVG, plus a few sample frames (PNG made by
 PyAV, base64-inlined) with their top tags. Every label text in the HTML goes through
 `html.escape`: labels come from user vocabularies.
 """
@@ -20,9 +23,12 @@ import av
 import numpy as np
 
 from ovml_core.metrics import (
+    PlattScaling,
     average_precision_per_label,
     base_novel_map,
     expected_calibration_error,
+    f1_at_threshold,
+    fit_platt_scaling,
     harmonic_mean,
     precision_recall_curve,
     subset_map,
@@ -41,8 +47,40 @@ class EvaluationInput:
     types: dict[str, str] = field(default_factory=dict)  # label -> type; untyped labels absent
 
 
-def compute_metrics(data: EvaluationInput) -> dict:
-    """Everything the JSON and the report show; NaN where a subset has no positive."""
+def fit_calibration(data: EvaluationInput) -> PlattScaling:
+    """Platt scaling fit on the base labels' columns only: novel labels stay unseen by every
+    choice. Fit it on a validation split and pass it to `compute_metrics` of the test split."""
+    if not data.base:
+        raise ValueError("fit_calibration: no base labels to fit on")
+    columns = [data.labels.index(label) for label in data.base]
+    return fit_platt_scaling(data.scores[:, columns], data.targets[:, columns])
+
+
+def calibrated_metrics(
+    data: EvaluationInput, calibration: PlattScaling, threshold: float
+) -> dict[str, float | dict]:
+    """ECE and micro precision / recall / F1 at `threshold` of the calibrated scores, over all
+    labels and over the base and the novel ones."""
+    probs = calibration.apply(data.scores)
+    result: dict[str, float | dict] = {
+        "scale": calibration.scale,
+        "bias": calibration.bias,
+        "threshold": threshold,
+        "ece": expected_calibration_error(probs, data.targets, num_bins=ECE_BINS),
+        "all": f1_at_threshold(probs, data.targets, threshold),
+    }
+    for name, subset in (("base", data.base), ("novel", data.novel)):
+        if subset:
+            columns = [data.labels.index(label) for label in subset]
+            result[name] = f1_at_threshold(probs[:, columns], data.targets[:, columns], threshold)
+    return result
+
+
+def compute_metrics(
+    data: EvaluationInput, calibration: PlattScaling | None = None, threshold: float = 0.5
+) -> dict:
+    """Everything the JSON and the report show; NaN where a subset has no positive. With a
+    `calibration`, also "calibrated": `calibrated_metrics` at `threshold`."""
     scores, targets, labels = data.scores, data.targets, data.labels
     ap = average_precision_per_label(scores, targets)
     split = {label: "base" for label in data.base} | {label: "novel" for label in data.novel}
@@ -71,6 +109,8 @@ def compute_metrics(data: EvaluationInput) -> dict:
         base = [label for label in data.base if label in members]
         novel = [label for label in data.novel if label in members]
         metrics["by_type"][kind] = _base_novel(scores, targets, labels, base, novel)
+    if calibration is not None:
+        metrics["calibrated"] = calibrated_metrics(data, calibration, threshold)
     return metrics
 
 
@@ -142,7 +182,20 @@ def _summary_table(metrics: dict) -> str:
         "<table><tr><th>labels</th><th>mAP base</th><th>mAP novel</th><th>harmonic mean</th></tr>"
         f"{body}</table><p>mAP over every label: {_fmt(metrics['map'])}; ECE "
         f"({ECE_BINS} bins, every video-label pair): {_fmt(metrics['ece'])}; "
-        f"{metrics['videos']} videos, {metrics['labels']} labels.</p>"
+        f"{metrics['videos']} videos, {metrics['labels']} labels.</p>{_calibrated_line(metrics)}"
+    )
+
+
+def _calibrated_line(metrics: dict) -> str:
+    calibrated = metrics.get("calibrated")
+    if calibrated is None:
+        return ""
+    return (
+        f"<p>After Platt scaling fit on validation base labels (scale "
+        f"{calibrated['scale']:.3f}, bias {calibrated['bias']:.3f}): ECE "
+        f"{_fmt(calibrated['ece'])}; at threshold {calibrated['threshold']:.3f}, micro "
+        f"precision {_fmt(calibrated['all']['precision'])}, recall "
+        f"{_fmt(calibrated['all']['recall'])}, F1 {_fmt(calibrated['all']['f1'])}.</p>"
     )
 
 

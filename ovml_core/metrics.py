@@ -181,3 +181,94 @@ def expected_calibration_error(probs: ArrayLike, targets: ArrayLike, num_bins: i
         bins, weights=targets, minlength=num_bins
     )
     return float(np.abs(gap).sum() / probs.size)
+
+
+# ---------------------------------------------------------------- calibration and thresholds
+
+# Scores are probabilities stored as float32: keep their logits finite.
+_PROBABILITY_EPS = 1e-7
+
+
+def probability_logits(probs: ArrayLike) -> np.ndarray:
+    """log(p / (1 - p)) of probabilities, clipped away from 0 and 1."""
+    probs = np.clip(np.asarray(probs, dtype=np.float64), _PROBABILITY_EPS, 1 - _PROBABILITY_EPS)
+    return np.log(probs) - np.log1p(-probs)
+
+
+@dataclass(frozen=True)
+class PlattScaling:
+    """p' = sigmoid(scale * logit(p) + bias): one (scale, bias) pair shared by every label.
+
+    With scale > 0 it is a monotone map of each label's scores, so it leaves AP and mAP as they
+    are and changes only calibration and what a threshold keeps.
+    """
+
+    scale: float = 1.0
+    bias: float = 0.0
+
+    def apply(self, probs: ArrayLike) -> np.ndarray:
+        z = self.scale * probability_logits(probs) + self.bias
+        return 1.0 / (1.0 + np.exp(-z))
+
+
+def fit_platt_scaling(probs: ArrayLike, targets: ArrayLike, max_steps: int = 100) -> PlattScaling:
+    """Platt's (1999) fit of `PlattScaling` to every (video, label) pair of `probs`: logistic
+    regression of the targets on logit(p) by damped Newton steps, with Platt's smoothed
+    targets ((N+ + 1) / (N+ + 2) and 1 / (N- + 2)) so that separable data keeps a finite fit.
+    """
+    probs, targets = _scores_and_targets(probs, targets)
+    z, y = probability_logits(probs).ravel(), targets.ravel()
+    positives = y.sum()
+    if positives == 0 or positives == y.size:
+        raise ValueError("targets: a Platt fit needs both positive and negative pairs")
+    t = np.where(y == 1, (positives + 1) / (positives + 2), 1 / (y.size - positives + 2))
+    features = np.stack([z, np.ones_like(z)], axis=1)
+
+    def loss(w: np.ndarray) -> float:
+        u = features @ w
+        # sum of -t log sigmoid(u) - (1 - t) log sigmoid(-u), computed without overflow
+        return float(np.sum(np.logaddexp(0.0, u) - t * u))
+
+    w = np.array([1.0, 0.0])
+    current = loss(w)
+    for _ in range(max_steps):
+        p = 1.0 / (1.0 + np.exp(-(features @ w)))
+        gradient = features.T @ (p - t)
+        hessian = features.T @ (features * (p * (1 - p))[:, None]) + 1e-12 * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        factor = 1.0
+        while factor > 1e-6 and loss(w - factor * step) > current:
+            factor /= 2
+        w = w - factor * step
+        previous, current = current, loss(w)
+        if previous - current <= 1e-12 * max(1.0, abs(previous)):
+            break
+    return PlattScaling(scale=float(w[0]), bias=float(w[1]))
+
+
+def f1_at_threshold(probs: ArrayLike, targets: ArrayLike, threshold: float) -> dict[str, float]:
+    """Micro precision, recall and F1 over every (video, label) pair kept by p >= threshold
+    (what the tagging job's `tag.threshold` keeps)."""
+    probs, targets = _scores_and_targets(probs, targets)
+    kept = probs >= threshold
+    true_pos = float((kept & (targets == 1)).sum())
+    precision = true_pos / kept.sum() if kept.any() else 0.0
+    recall = true_pos / targets.sum() if targets.any() else math.nan
+    f1 = 0.0 if true_pos == 0 else 2 * true_pos / (kept.sum() + targets.sum())
+    return {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
+
+
+def best_f1_threshold(probs: ArrayLike, targets: ArrayLike) -> float:
+    """The threshold among the scores themselves with the highest micro F1 (ties: the highest
+    such threshold, keeping fewer tags)."""
+    probs, targets = _scores_and_targets(probs, targets)
+    if not targets.any():
+        raise ValueError("targets: no positive pair to choose a threshold for")
+    scores, truth = probs.ravel(), targets.ravel()
+    order = np.argsort(-scores, kind="stable")
+    scores, truth = scores[order], truth[order]
+    # A threshold keeps a whole run of equal scores: its last position is the cut.
+    cuts = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    true_pos = np.cumsum(truth)[cuts]
+    f1 = 2 * true_pos / (cuts + 1 + truth.sum())
+    return float(scores[cuts[int(np.argmax(f1))]])

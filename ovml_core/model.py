@@ -48,8 +48,9 @@ class OVMLModel(nn.Module):
                 instruction=cfg.attribute_instruction,
             )
         self.labels = LabelEncoder(text, cfg.label_encoder, cfg.prompt_template, soft=soft, llm=llm)
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_scale)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_bias)))
+        scale, bias = initial_scale_and_bias(cfg, clip)
+        self.logit_scale = nn.Parameter(torch.tensor(scale))
+        self.logit_bias = nn.Parameter(torch.tensor(bias))
 
     @property
     def device(self) -> torch.device:
@@ -88,6 +89,15 @@ class OVMLModel(nn.Module):
     def score(self, video_emb: torch.Tensor, label_emb: torch.Tensor) -> torch.Tensor:
         """Independent probabilities [B, L]: multi-label, not a softmax over labels."""
         return torch.sigmoid(self.logits(video_emb, label_emb))
+
+
+def initial_scale_and_bias(cfg: ModelConfig, clip: open_clip.CLIP) -> tuple[float, float]:
+    """(log scale, bias) the model starts from: the config's, or with `init_scale_from_clip`
+    the CLIP's own `logit_scale` (open_clip keeps it as a log too) and `logit_bias` if any."""
+    if not cfg.init_scale_from_clip:
+        return float(cfg.init_scale), float(cfg.init_bias)
+    bias = getattr(clip, "logit_bias", None)
+    return float(clip.logit_scale), float(cfg.init_bias if bias is None else bias)
 
 
 def create_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> OVMLModel:

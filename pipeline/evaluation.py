@@ -1,6 +1,7 @@
 """Evaluate a tagging run against a labeled manifest: metrics JSON + HTML report.
 
     python jobs/evaluate.py --config C --tags DIR --manifest M --out DIR [--labels VOCAB]
+        [--fit-calibration | --calibration VAL_METRICS_JSON]
 
 mAP needs a score for every (video, label) pair, and the tags output keeps the `top_k`
 highest-scoring labels of each video: tag with `--set tag.top_k=<vocabulary size>` (or more)
@@ -8,12 +9,25 @@ so that `top_k` holds the whole vocabulary. That keeps evaluation on the tagging
 output, with no second model load; a run whose `top_k` is shorter is refused with that hint.
 Base / novel labels come from `train.base_labels` / `train.novel_labels` of the config (base
 defaults to every other label); `--labels` (a vocabulary with a `type` column) adds per-type
-metrics. The metric and report code is `ovml_core.evaluation`; this module reads and joins.
+metrics.
+
+Other wording: a CSV/TSV vocabulary may have a `means` column naming, per label, the manifest's
+label it stands for (e.g. `pants,garment,trouser`). Such a label is scored against the clips
+of the label it means, and is base or novel as that label is: a run tagged with your own words
+is evaluated against the manifest's labels (configs/moving_fashion/unseen_labels.csv).
+
+Calibration: `--fit-calibration` fits Platt scaling (one scale and bias over all labels) on
+the BASE labels of these clips, e.g. the validation split, and records it in metrics.json;
+`--calibration <that metrics.json>` applies it to another split (test). With either,
+metrics.json also holds the calibrated ECE and precision / recall / F1 at `tag.threshold`
+(`calibrated`); mAP is the same with or without. The metric and report code is
+`ovml_core.evaluation`; this module reads and joins.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import sys
@@ -23,9 +37,16 @@ import numpy as np
 import pyarrow as pa
 
 from ovml_core.config import Config, ConfigError
-from ovml_core.evaluation import EvaluationInput, SampleVideo, compute_metrics, html_report
+from ovml_core.evaluation import (
+    EvaluationInput,
+    SampleVideo,
+    compute_metrics,
+    fit_calibration,
+    html_report,
+)
 from ovml_core.finetune import json_safe
-from ovml_core.vocabulary import VocabularyError, read_vocabulary
+from ovml_core.metrics import PlattScaling
+from ovml_core.vocabulary import VocabularyError, normalise_label, read_vocabulary
 from pipeline.cli import job_parser, log_to_console
 from pipeline.decode import decode_video
 from pipeline.manifest import read_manifest
@@ -44,12 +65,17 @@ class EvaluationError(ValueError):
 
 
 def join_scores(
-    tags: pa.Table, manifest: pa.Table, labels: list[str] | None
+    tags: pa.Table,
+    manifest: pa.Table,
+    labels: list[str] | None,
+    means: dict[str, str] | None = None,
 ) -> tuple[EvaluationInput, list[dict], dict[str, int]]:
-    """Scores and targets of the manifest's videos that were tagged without error.
+    """Scores and targets of the manifest's videos that were tagged without error. A label
+    named in `means` takes the targets of the manifest label it means.
 
     Returns (input with empty base/novel, the matching tag rows, counts of skipped videos).
     """
+    means = means or {}
     if "labels" not in manifest.column_names:
         raise EvaluationError("the manifest has no 'labels' column: nothing to evaluate against")
     rows = {r["video_id"]: r for r in tags.select(["video_id", "top_k", "error"]).to_pylist()}
@@ -68,9 +94,10 @@ def join_scores(
         for tag in rows[video_id]["top_k"]:
             if tag["label"] in column:
                 scores[i, column[tag["label"]]] = tag["score"]
-        for label in truth[video_id] or []:
-            if label in column:
-                targets[i, column[label]] = 1.0
+        true_labels = set(truth[video_id] or [])
+        for label, j in column.items():
+            if means.get(label, label) in true_labels:
+                targets[i, j] = 1.0
     unscored = np.isnan(scores).any(axis=1)
     if unscored.any():
         first = kept[int(np.flatnonzero(unscored)[0])]
@@ -84,14 +111,51 @@ def join_scores(
     return data, [rows[v] | {"labels": truth[v]} for v in kept], counts
 
 
-def split_labels(cfg: Config, labels: list[str]) -> tuple[list[str], list[str]]:
-    """(base, novel) among `labels`, from train.base_labels / train.novel_labels."""
-    novel = [label for label in cfg.train.novel_labels or [] if label in labels]
+def split_labels(
+    cfg: Config, labels: list[str], means: dict[str, str] | None = None
+) -> tuple[list[str], list[str]]:
+    """(base, novel) among `labels`, from train.base_labels / train.novel_labels; a label in
+    `means` is base or novel as the label it means is."""
+    means = means or {}
+    meaning = {label: means.get(label, label) for label in labels}
+    novel_set = set(cfg.train.novel_labels or [])
+    novel = [label for label in labels if meaning[label] in novel_set]
     if cfg.train.base_labels is not None:
-        base = [label for label in cfg.train.base_labels if label in labels]
+        base_set = set(cfg.train.base_labels)
+        base = [label for label in labels if meaning[label] in base_set]
     else:
         base = [label for label in labels if label not in novel]
     return base, novel
+
+
+def read_label_meanings(path: str) -> dict[str, str]:
+    """label -> the manifest label it means, from a CSV/TSV vocabulary's `means` column ({}
+    without one). Both sides normalised as vocabulary labels are."""
+    if Path(path).suffix.lower() not in (".csv", ".tsv"):
+        return {}
+    delimiter = "\t" if Path(path).suffix.lower() == ".tsv" else ","
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter=delimiter))
+    if not rows or "means" not in rows[0]:
+        return {}
+    meanings = {}
+    for row in rows:
+        label, meant = normalise_label(row["label"] or ""), normalise_label(row["means"] or "")
+        if label and meant:
+            meanings[label] = meant
+    return meanings
+
+
+def read_calibration(metrics_path: str) -> PlattScaling:
+    """The Platt scaling an earlier evaluation fit and recorded (`--fit-calibration`)."""
+    try:
+        fitted = json.loads(Path(metrics_path).read_text())["calibrated"]
+        return PlattScaling(float(fitted["scale"]), float(fitted["bias"]))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise EvaluationError(
+            f"--calibration {metrics_path}: no recorded calibration there ({err!r}); evaluate "
+            "the validation split with --fit-calibration first"
+        ) from err
 
 
 def sample_videos(
@@ -121,21 +185,33 @@ def run_evaluation(
     vocabulary: str | None = None,
     num_samples: int = 6,
     title: str = "ovml evaluation",
+    calibration: PlattScaling | None = None,
+    fit: bool = False,
 ) -> dict:
+    """metrics.json and report.html of a tagging run. `fit`: fit the calibration on these
+    clips' base labels (a validation split); else apply `calibration` when given."""
+    if fit and calibration is not None:
+        raise EvaluationError("fit a calibration or apply one, not both")
     tags = read_tags(tags_dir)
     if tags is None:
         raise EvaluationError(f"--tags {tags_dir}: no tag part files there")
     manifest = read_manifest(manifest_path, allowed_schemes=cfg.tag.allowed_schemes)
     types: dict[str, str] = {}
-    labels = None
+    labels, means = None, {}
     if vocabulary is not None:
         entries = read_vocabulary(vocabulary).entries
         labels = [e.label for e in entries]
         types = {e.label: e.type for e in entries if e.type}
-    data, rows, counts = join_scores(tags, manifest, labels)
-    data.base, data.novel = split_labels(cfg, data.labels)
+        means = read_label_meanings(vocabulary)
+    data, rows, counts = join_scores(tags, manifest, labels, means)
+    data.base, data.novel = split_labels(cfg, data.labels, means)
     data.types = types
-    metrics = {**compute_metrics(data), **counts}
+    if fit:
+        try:
+            calibration = fit_calibration(data)
+        except ValueError as err:
+            raise EvaluationError(f"--fit-calibration: {err}") from err
+    metrics = {**compute_metrics(data, calibration, cfg.tag.threshold), **counts}
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(str(out_dir / METRICS_FILE), json.dumps(json_safe(metrics), indent=1) + "\n")
@@ -156,6 +232,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--manifest", required=True, help="manifest with a 'labels' column")
     parser.add_argument("--out", required=True, help="folder for metrics.json and report.html")
     parser.add_argument("--labels", help="the tagging vocabulary; its 'type' column groups labels")
+    calibration = parser.add_mutually_exclusive_group()
+    calibration.add_argument(
+        "--fit-calibration",
+        action="store_true",
+        help="fit Platt scaling on these clips' base labels (use on the validation split)",
+    )
+    calibration.add_argument(
+        "--calibration",
+        metavar="METRICS_JSON",
+        help="apply the calibration recorded in this metrics.json (val's, when evaluating test)",
+    )
     parser.add_argument("--samples", type=int, default=6, help="sample videos in the report")
     parser.add_argument("--title", default="ovml evaluation")
     return parser.parse_args(argv)
@@ -166,13 +253,24 @@ def main(argv: list[str] | None = None) -> int:
     log_to_console()
     try:
         cfg = Config.from_yaml(args.config, args.overrides)
+        calibration = read_calibration(args.calibration) if args.calibration else None
         metrics = run_evaluation(
-            cfg, args.tags, args.manifest, args.out, args.labels, args.samples, args.title
+            cfg,
+            args.tags,
+            args.manifest,
+            args.out,
+            args.labels,
+            args.samples,
+            args.title,
+            calibration=calibration,
+            fit=args.fit_calibration,
         )
     except (ConfigError, EvaluationError, VocabularyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     summary = {k: metrics[k] for k in ("map", "map_base", "map_novel", "harmonic_mean", "ece")}
+    if "calibrated" in metrics:
+        summary["calibrated"] = metrics["calibrated"]
     print(json.dumps(json_safe({**summary, "by_type": metrics["by_type"]})))
     print(f"report: {Path(args.out) / REPORT_FILE}")
     return EXIT_OK

@@ -209,3 +209,64 @@ def test_committed_vocabulary_is_the_benchmark_vocabulary(tmp_path):
     mf.write_vocabulary(tmp_path / "labels.csv")
     committed = REPO / "configs" / "moving_fashion" / "labels.csv"
     assert committed.read_text() == (tmp_path / "labels.csv").read_text()
+
+
+UNSEEN_VOCABULARY = REPO / "configs" / "moving_fashion" / "unseen_labels.csv"
+# Words that carry no label meaning; every other word of an unseen label is a content word.
+STOP_WORDS = {"a", "an", "the", "of", "to", "with", "and"}
+
+
+def every_stage0_caption() -> set[str]:
+    """Every caption `ovml_core.pretrain` can train on: a template around a garment followed
+    by an ordered choice of at most one fact of each opposite pair, plus the class captions."""
+    from itertools import permutations, product
+
+    from ovml_core.pretrain import CAPTION_TEMPLATES, FACT_PAIRS, class_captions
+
+    fact_lists = set()
+    for choice in product(*[(None, *pair) for pair in FACT_PAIRS]):
+        facts = [fact for fact in choice if fact is not None]
+        fact_lists |= set(permutations(facts))
+    captions = {c.text for c in class_captions()}
+    for template, garment, facts in product(CAPTION_TEMPLATES, mf.GARMENTS, fact_lists):
+        captions.add(template.format(" ".join([garment, *facts])))
+    return captions
+
+
+def test_enumerated_captions_cover_what_stage0_draws():
+    """The enumeration is the real caption space: captions drawn by `caption_for` for random
+    stills all lie in it."""
+    from ovml_core.pretrain import Caption, caption_for, facts_of
+
+    rng = np.random.default_rng(0)
+    captions = every_stage0_caption()
+    for _ in range(3000):
+        pose = (*rng.uniform(0, mf.CANVAS, size=2), rng.uniform(0, 360), rng.uniform(0.6, 1.2))
+        truth = Caption(str(rng.choice(mf.GARMENTS)), facts_of(pose), "")
+        assert caption_for(rng, truth).text in captions
+
+
+def test_unseen_wording_names_every_label_in_words_stage0_never_read():
+    """Every word and every BPE token of the unseen vocabulary's content words is absent from
+    every stage-0 caption: the text tower never trained on them."""
+    import csv
+
+    from open_clip.tokenizer import SimpleTokenizer
+
+    with open(UNSEEN_VOCABULARY, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["means"] for r in rows) == sorted(mf.GARMENTS + mf.MOTIONS)  # each once
+    assert all(r["type"] == mf.label_type(r["means"]) for r in rows)
+    captions = every_stage0_caption()
+    assert len(captions) > 10_000
+    caption_words = {w for c in captions for w in c.replace(".", " ").replace("-", " ").split()}
+    tokenizer = SimpleTokenizer()
+    caption_tokens = set(tokenizer.encode(" ".join(sorted(caption_words | {".", "-"}))))
+    assert tokenizer.encode("counterclockwise")[0] in caption_tokens  # sub-word tokens count
+    for row in rows:
+        content = [w for w in row["label"].split() if w not in STOP_WORDS]
+        assert content, row
+        assert not set(content) & caption_words, row
+        for word in content:
+            assert not set(tokenizer.encode(word)) & caption_tokens, (row, word)
+        assert row["label"] not in mf.GARMENTS + mf.MOTIONS
