@@ -1,15 +1,15 @@
 """`--checkpoint s3://...` / `gs://...`: a remote checkpoint directory as a local cached copy.
 
 Training writes checkpoints to `train.storage_path` (often S3 or GCS); `load_checkpoint` reads
-a local directory. `local_checkpoint` downloads the two files a checkpoint is made of
-(config.json and model.safetensors, never a pickle) through pyarrow.fs, with credentials from
+a local directory. `local_checkpoint` downloads the files of the checkpoint directory
+(config.json, model.safetensors and what else sits next to them; never a pickle file) through pyarrow.fs, with credentials from
 the environment or the `filesystems` given, into
 
     $OVML_CACHE_DIR (default ~/.cache/ovml) / checkpoints / <key>/
 
-where the key hashes the URI with each file's size and modification time: a checkpoint
-re-uploaded under the same URI gets a new key and is downloaded again; an unchanged one is
-reused. The driver and every actor call it (each node fills its own cache once); a copy only
+where the key hashes the URI with each file's ETag (S3), size and modification time: a
+checkpoint re-uploaded under the same URI gets a new key and is downloaded again; an unchanged
+one is reused. The driver and every actor call it (each node fills its own cache once); a copy only
 appears under its key when complete, so concurrent callers never load half a checkpoint.
 """
 
@@ -29,7 +29,8 @@ from ovml_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
 from pipeline.manifest import Filesystems, resolve, uri_scheme
 
 CACHE_ENV = "OVML_CACHE_DIR"
-CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # never downloaded
 
 
 def cache_root() -> Path:
@@ -46,7 +47,7 @@ def local_checkpoint(checkpoint: str, filesystems: Filesystems | None = None) ->
     fs, directory = resolve(checkpoint, filesystems)
     try:
         infos = _remote_files(checkpoint, fs, directory)
-        target = cache_root() / _cache_key(checkpoint, infos)
+        target = cache_root() / _cache_key(checkpoint, fs, infos)
         if not target.is_dir():
             _download(fs, infos, target)
     except (OSError, pa.ArrowException) as err:
@@ -55,23 +56,34 @@ def local_checkpoint(checkpoint: str, filesystems: Filesystems | None = None) ->
 
 
 def _remote_files(checkpoint: str, fs: pafs.FileSystem, directory: str) -> list[pafs.FileInfo]:
-    """FileInfo of config.json and model.safetensors; CheckpointError naming what is missing."""
-    infos = fs.get_file_info([posixpath.join(directory, name) for name in CHECKPOINT_FILES])
-    missing = [i.base_name for i in infos if i.type != pafs.FileType.File]
+    """The checkpoint's files (pickle files and hidden ones left out); CheckpointError unless
+    config.json and model.safetensors are among them."""
+    listing = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+    files = [
+        i
+        for i in listing
+        if i.type == pafs.FileType.File
+        and not i.base_name.startswith(".")
+        and posixpath.splitext(i.base_name)[1] not in PICKLE_SUFFIXES
+    ]
+    missing = [name for name in REQUIRED_FILES if name not in {i.base_name for i in files}]
     if missing:
-        listing = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
         present = sorted(i.base_name for i in listing) or ["nothing"]
         raise CheckpointError(
             f"checkpoint {checkpoint}: no {' or '.join(missing)} there (found: "
-            f"{', '.join(present)}); ovml loads {WEIGHTS_FILE} (safetensors) and {CONFIG_FILE} "
-            "only, never pickle weights"
+            f"{', '.join(present)}); ovml loads {WEIGHTS_FILE} (safetensors) and {CONFIG_FILE}, "
+            "never pickle weights"
         )
-    return infos
+    return sorted(files, key=lambda i: i.base_name)
 
 
-def _cache_key(checkpoint: str, infos: list[pafs.FileInfo]) -> str:
+def _cache_key(checkpoint: str, fs: pafs.FileSystem, infos: list[pafs.FileInfo]) -> str:
     identity = [checkpoint.rstrip("/")]
-    identity += [f"{i.base_name}:{i.size}:{i.mtime_ns}" for i in infos]
+    for info in infos:
+        # S3 mtimes have whole seconds; the ETag (from a HEAD request) tells rewrites apart.
+        with fs.open_input_file(info.path) as f:
+            etag = f.metadata().get("ETag", b"").decode()
+        identity.append(f"{info.base_name}:{info.size}:{info.mtime_ns}:{etag}")
     return hashlib.sha256("\n".join(identity).encode()).hexdigest()[:24]
 
 
