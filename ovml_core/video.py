@@ -275,11 +275,12 @@ def _frame_table(
         durations.append(packet.duration or 0)
     if not times:
         raise VideoDecodeError(f"{uri}: the video stream has no frames")
-    if stream.frames and packets < stream.frames:
-        raise VideoDecodeError(
-            f"{uri}: truncated: {packets} of the {stream.frames} frames it lists are present"
-        )
     if any(t is None for t in times):
+        # Without timestamps only a count tells a cut stream from a whole one.
+        if stream.frames and packets < stream.frames:
+            raise VideoDecodeError(
+                f"{uri}: truncated: {packets} of the {stream.frames} frames it lists are present"
+            )
         count = len(times)
         return _FrameTable(list(range(count)), keyframes, count, has_pts=False)
     order = sorted(range(len(times)), key=times.__getitem__)
@@ -297,18 +298,26 @@ def _check_complete(
     stream: av.video.stream.VideoStream,
     table: _FrameTable,
 ) -> None:
-    """A lone video stream that ends well before the container's declared duration was cut off.
+    """A video stream that ends well before its declared duration was cut off.
 
-    Containers declare either the length or the end time; the end time is >= the length, so
-    comparing it with the declared value is right for both. Other streams may outlast the video.
+    Judged by time, not by counting frames: an empty AVI chunk (common in captures and screen
+    recordings) means "repeat the previous frame", so a whole file may hold far fewer coded
+    frames than its index lists. The stream's own declared duration is used when the container
+    gives one; else the container's, and only for a lone video stream (other streams may
+    outlast the video). Containers declare either the length or the end time; the end time is
+    >= the length, so comparing it with the declared value is right for both.
     """
-    if len(container.streams) != 1 or not container.duration:
+    if stream.duration:
+        declared_s = float(stream.duration * stream.time_base)
+    elif len(container.streams) == 1 and container.duration:
+        declared_s = container.duration / av.time_base
+    else:
         return
     end_s = float(table.end * stream.time_base)
-    declared_s = container.duration / av.time_base
     if end_s < 0.9 * declared_s:
         raise VideoDecodeError(
-            f"{uri}: truncated: frames end at {end_s:.2f} s of {declared_s:.2f} s"
+            f"{uri}: truncated: frames end at {end_s:.2f} s of the {declared_s:.2f} s "
+            f"it declares ({len(table.times)} frames present)"
         )
 
 

@@ -307,3 +307,24 @@ def test_corrupted_bytes_give_frames_or_a_decode_error(tmp_path):
             assert frames.shape == (4, 16, 16, 3)
             outcomes["frames"] += 1
     assert min(outcomes.values()) > 0  # both paths were exercised
+
+
+def test_avi_with_empty_chunks_is_whole_not_truncated(tmp_path):
+    """An AVI index lists one chunk per frame period; captures leave chunks empty ("repeat the
+    previous frame"), so a whole file holds fewer coded frames than it lists."""
+    import av
+
+    path = tmp_path / "sparse.avi"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(10):  # one coded frame every 4 periods: 0.0 s, 0.4 s, ... 3.6 s
+            frame = av.VideoFrame.from_ndarray(index_frame(i), format="rgb24")
+            frame.pts = 4 * i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames > 10  # the index lists the empty chunks too
+    frames, meta = sample_frames(path, 4, 32)
+    assert frames.shape == (4, 32, 32, 3)
+    assert meta["duration_s"] == pytest.approx(3.7, abs=0.15)
