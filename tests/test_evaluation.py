@@ -129,3 +129,49 @@ def test_metrics_json_has_no_nan(tmp_path):
     metrics = compute_metrics(toy_input())
     text = json.dumps(json_safe(metrics), allow_nan=False)
     assert json.loads(text)["by_type"]["animal"]["map_novel"] is None
+
+
+def test_calibration_is_fit_on_base_labels_only_and_applied_elsewhere():
+    """The fit reads the base columns alone: changing novel scores or targets changes nothing;
+    applied to another split, it changes ECE and thresholded numbers, never mAP."""
+    from ovml_core.evaluation import fit_calibration
+
+    val = toy_input()
+    fitted = fit_calibration(val)
+    val.scores[:, 2:] = 1 - val.scores[:, 2:]
+    val.targets[:, 2:] = 1 - val.targets[:, 2:]
+    assert fit_calibration(val) == fitted
+    test = toy_input()
+    test.scores = 0.5 * test.scores  # another split, scored lower
+    plain, calibrated = compute_metrics(test), compute_metrics(test, fitted, threshold=0.5)
+    assert "calibrated" not in plain
+    assert calibrated["map"] == plain["map"] and calibrated["ece"] == plain["ece"]
+    assert calibrated["calibrated"]["scale"] == fitted.scale
+    assert calibrated["calibrated"]["ece"] != plain["ece"]
+    assert set(calibrated["calibrated"]) >= {"all", "base", "novel", "threshold"}
+
+
+def test_other_wording_is_scored_against_the_labels_it_means(tmp_path):
+    """A vocabulary's `means` column maps its words to the manifest's labels: targets and the
+    base / novel split follow the meant label."""
+    from pipeline.evaluation import read_label_meanings
+
+    vocabulary = tmp_path / "words.csv"
+    vocabulary.write_text("label,type,means\nkitty,animal,cat\npup,animal,dog\n")
+    means = read_label_meanings(str(vocabulary))
+    assert means == {"kitty": "cat", "pup": "dog"}
+    tags = pa.table(
+        {
+            "video_id": ["v1", "v2"],
+            "top_k": [
+                [{"label": "kitty", "score": 0.9}, {"label": "pup", "score": 0.2}],
+                [{"label": "kitty", "score": 0.1}, {"label": "pup", "score": 0.8}],
+            ],
+            "error": [None, None],
+        }
+    )
+    manifest = pa.table({"video_id": ["v1", "v2"], "labels": [["cat"], ["dog", "cat"]]})
+    data, _, _ = join_scores(tags, manifest, ["kitty", "pup"], means)
+    assert data.targets.tolist() == [[1.0, 0.0], [1.0, 1.0]]
+    cfg = Config.from_dict({"train": {"novel_labels": ["dog"]}})
+    assert split_labels(cfg, ["kitty", "pup"], means) == (["kitty"], ["pup"])

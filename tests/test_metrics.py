@@ -145,3 +145,44 @@ def test_twin_hits_count_only_videos_with_exactly_one_twin():
     hits = twin_hits(scores, targets, 0, 1)
     # video 3 holds both and video 4 neither: left out; videos 0-2 right, right, wrong.
     assert sorted(hits.tolist()) == [False, True, True]
+
+
+def test_platt_fit_recovers_a_known_scale_and_bias():
+    from ovml_core.metrics import PlattScaling, fit_platt_scaling
+
+    rng = np.random.default_rng(0)
+    raw = 1 / (1 + np.exp(-rng.normal(-1.0, 2.0, size=(4000, 6))))
+    truth = PlattScaling(scale=1.7, bias=-0.8)
+    targets = (rng.random(raw.shape) < truth.apply(raw)).astype(float)
+    fitted = fit_platt_scaling(raw, targets)
+    assert fitted.scale == pytest.approx(1.7, abs=0.08)
+    assert fitted.bias == pytest.approx(-0.8, abs=0.08)
+
+
+def test_calibration_leaves_map_as_it_is_and_lowers_ece():
+    from ovml_core.metrics import PlattScaling, fit_platt_scaling
+
+    noise, targets = _random_case(3, videos=200)
+    # Informative (positives score higher) but every score far too low: badly calibrated.
+    scores = 0.05 + 0.4 * (0.5 * targets + 0.5 * noise)
+    calibrated = fit_platt_scaling(scores, targets).apply(scores)
+    assert mean_average_precision(calibrated, targets).value == pytest.approx(
+        mean_average_precision(scores, targets).value
+    )
+    assert mean_average_precision(PlattScaling(3.0, 2.0).apply(scores), targets).value == (
+        pytest.approx(mean_average_precision(scores, targets).value)
+    )
+    assert expected_calibration_error(calibrated, targets) < expected_calibration_error(
+        scores, targets
+    )
+
+
+def test_f1_at_threshold_and_the_best_threshold():
+    from ovml_core.metrics import best_f1_threshold, f1_at_threshold
+
+    probs = np.array([[0.9, 0.8], [0.7, 0.2], [0.6, 0.1]])
+    targets = np.array([[1, 1], [0, 0], [1, 0]])
+    assert f1_at_threshold(probs, targets, 0.75) == {"precision": 1.0, "recall": 2 / 3, "f1": 0.8}
+    # Cuts: 0.9 -> F1 0.5, 0.8 -> 0.8, 0.7 -> 2/3... 0.6 -> 6/7; the best keeps four pairs.
+    assert best_f1_threshold(probs, targets) == 0.6
+    assert f1_at_threshold(probs, targets, 0.6)["f1"] == pytest.approx(6 / 7)
