@@ -82,10 +82,13 @@ class VideoConfig:
     decoder_threads: int = 2
     # auto: decode on, and seek only when a keyframe lies before the next sampled frame (one
     # pass for short clips, a seek per sample for long ones). sequential / seek: never / always.
-    mode: str = "auto"  # auto | sequential | seek
+    # keyframe: the keyframe nearest each sampled time, decoded alone (no decode forward from
+    # it); a video whose keyframes are too sparse for that (one farther than half a segment
+    # from its time) is sampled exactly, as in auto.
+    mode: str = "auto"  # auto | sequential | seek | keyframe
 
     def validate(self, prefix: str = "video") -> None:
-        _choice(f"{prefix}.mode", self.mode, ("auto", "sequential", "seek"))
+        _choice(f"{prefix}.mode", self.mode, ("auto", "sequential", "seek", "keyframe"))
         _positive(f"{prefix}.max_pixels", self.max_pixels)
         _positive(f"{prefix}.max_duration_s", self.max_duration_s)
         _positive(f"{prefix}.max_decode_s", self.max_decode_s)

@@ -102,7 +102,8 @@ def sample_frames(
     pyarrow FileSystem) it is a path inside that filesystem. `limits` bounds pixels, duration
     and wall-clock decode time. Raises VideoDecodeError for anything that is not a readable video
     within the limits. Meta: duration_s, fps, codec, width and height (as displayed), rotation,
-    frame_count, frame_times_s (of the sampled frames, from the stream's start), seeks, decode_s.
+    frame_count, frame_times_s (of the sampled frames, from the stream's start), seeks,
+    sampling ("exact", or "keyframe" when video.mode=keyframe could use keyframes), decode_s.
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -119,11 +120,18 @@ def sample_frames(
         if duration_s > limits.max_duration_s:
             raise VideoDecodeError(_too_long(uri, duration_s, limits))
         targets = _segment_centres(table, num_frames)
+        keyframes = _nearest_keyframes(table, targets) if limits.mode == "keyframe" else None
         with _container(uri, source) as container:
-            stream = _configured_stream(container, limits)
-            frames, picked, rotation, seeks = _decode_targets(
-                uri, container, stream, table, targets, size, limits.mode, deadline
-            )
+            stream = _configured_stream(container, limits, frame_threads=keyframes is None)
+            if keyframes is None:
+                frames, picked, rotation, seeks = _decode_targets(
+                    uri, container, stream, table, targets, size, limits.mode, deadline
+                )
+            else:
+                frames, rotation, seeks = _decode_keyframes(
+                    uri, container, stream, keyframes, size, deadline
+                )
+                picked = keyframes
             tick, codec = _tick(stream, table), stream.codec_context.name
             width, height = round(stream.width * _pixel_aspect(stream)), stream.height
     if rotation % 180:
@@ -138,6 +146,7 @@ def sample_frames(
         "frame_count": len(table.times),
         "frame_times_s": [float((t - table.start) * tick) for t in picked],
         "seeks": seeks,
+        "sampling": "exact" if keyframes is None else "keyframe",
         "decode_s": deadline.elapsed(),
     }
     return frames, meta
@@ -245,10 +254,12 @@ def _checked_video_stream(
 
 
 def _configured_stream(
-    container: av.container.InputContainer, limits: VideoConfig
+    container: av.container.InputContainer, limits: VideoConfig, frame_threads: bool = True
 ) -> av.video.stream.VideoStream:
     stream = container.streams.best("video")
-    stream.thread_type = "AUTO"
+    # Frame threads hold frames back (one per thread) before the first comes out: waste when
+    # only a lone keyframe after each seek is wanted, so that case threads within a frame.
+    stream.thread_type = "AUTO" if frame_threads else "SLICE"
     stream.codec_context.thread_count = limits.decoder_threads
     return stream
 
@@ -336,6 +347,64 @@ def _should_seek(mode: str, table: _FrameTable, position: int | None, target: Fr
     after = table.start if position is None else position
     i = bisect.bisect_right(table.keyframes, after)
     return i < len(table.keyframes) and table.keyframes[i] <= target
+
+
+def _nearest_keyframes(table: _FrameTable, targets: list[Fraction]) -> list[int] | None:
+    """The shown keyframe nearest each target (the earlier one on a tie), or None when one of
+    them is farther than half a segment from its target: too sparse to stand for it."""
+    shown = [k for k in table.keyframes if k >= table.start] if table.has_pts else []
+    if not shown:
+        return None
+    tolerance = Fraction(table.end - table.start, 2 * len(targets))
+    chosen = []
+    for target in targets:
+        i = bisect.bisect_left(shown, target)
+        nearest = min(shown[max(i - 1, 0) : i + 1], key=lambda k: abs(k - target))
+        if abs(nearest - target) > tolerance:
+            return None
+        chosen.append(nearest)
+    return chosen
+
+
+def _decode_keyframes(
+    uri: str,
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    keyframes: list[int],
+    size: int,
+    deadline: _Deadline,
+) -> tuple[np.ndarray, int, int]:
+    """Each keyframe decoded alone after a seek to it (one decode per distinct keyframe).
+
+    Returns the frames, the rotation in degrees and the number of seeks."""
+    out = np.empty((len(keyframes), size, size, 3), np.uint8)
+    pixel_aspect = _pixel_aspect(stream)
+    rotation = seeks = 0
+    done: dict[int, np.ndarray] = {}
+    for i, keyframe in enumerate(keyframes):
+        if keyframe not in done:
+            container.seek(keyframe, stream=stream)  # lands on it: it is a keyframe
+            seeks += 1
+            frame = _first_frame_from(uri, container, stream, keyframe, deadline)
+            rotation = _upright_degrees(frame)
+            done[keyframe] = _square_rgb(frame, size, rotation, pixel_aspect)
+        out[i] = done[keyframe]
+    return out, rotation, seeks
+
+
+def _first_frame_from(
+    uri: str,
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    at: int,
+    deadline: _Deadline,
+) -> av.VideoFrame:
+    """The first decoded frame at or after time `at` (an open GOP's leading frames come first)."""
+    for frame in container.decode(stream):
+        deadline.check()
+        if frame.pts is not None and frame.pts >= at:
+            return frame
+    raise VideoDecodeError(f"{uri}: no decodable frame at its keyframe (time {at})")
 
 
 def _decode_targets(

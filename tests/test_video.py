@@ -328,3 +328,29 @@ def test_avi_with_empty_chunks_is_whole_not_truncated(tmp_path):
     frames, meta = sample_frames(path, 4, 32)
     assert frames.shape == (4, 32, 32, 3)
     assert meta["duration_s"] == pytest.approx(3.7, abs=0.15)
+
+
+@pytest.mark.parametrize("codec", list(CODECS))
+def test_keyframe_mode_decodes_the_keyframe_nearest_each_centre(tmp_path, codec):
+    """Centres of 4 segments of 100 frames: 12.5, 37.5, 62.5, 87.5; keyframes every 10."""
+    path = write_indexed_video(tmp_path / f"clip.{CODECS[codec][1]}", 100, codec=codec, gop=10)
+    frames, meta = sample_frames(path, 4, 32, VideoConfig(mode="keyframe"))
+    assert indices_of(frames) == [10, 40, 60, 90]  # 12.5 -> 10, 37.5 -> 40 (nearest)
+    assert meta["sampling"] == "keyframe" and meta["seeks"] == 4
+    assert meta["frame_times_s"] == pytest.approx([1.0, 4.0, 6.0, 9.0])
+    assert meta["duration_s"] == pytest.approx(10.0)
+
+
+def test_keyframe_mode_decodes_a_shared_keyframe_once(tmp_path):
+    path = write_indexed_video(tmp_path / "clip.mp4", 90, gop=20)  # keyframes 0, 20, ... 80
+    frames, meta = sample_frames(path, 9, 32, VideoConfig(mode="keyframe"))
+    # centres 5, 15, ... 85, each within half a segment (5 frames) of a keyframe
+    assert indices_of(frames) == [0, 20, 20, 40, 40, 60, 60, 80, 80]
+    assert meta["seeks"] == 5
+
+
+def test_keyframe_mode_samples_exactly_when_keyframes_are_too_sparse(tmp_path):
+    path = write_indexed_video(tmp_path / "one_gop.mp4", 60, gop=100)  # one keyframe
+    frames, meta = sample_frames(path, 6, 32, VideoConfig(mode="keyframe"))
+    assert meta["sampling"] == "exact"
+    assert indices_of(frames) == centre_indices(60, 6)
