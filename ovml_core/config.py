@@ -31,6 +31,18 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def _check_device(prefix: str, device: str, gpus_field: str, gpus: float | None) -> None:
+    """`device` is a known choice, and a GPU count given beside it says the same thing."""
+    _choice(f"{prefix}.device", device, ("auto", "cuda", "cpu"))
+    if gpus is not None:
+        _positive(f"{prefix}.{gpus_field}", gpus, allow_zero=True)
+        if gpus == 0 and device != "cpu":
+            raise ConfigError(
+                f"{prefix}.{gpus_field}: 0 GPUs with {prefix}.device={device}; "
+                f"set {prefix}.device=cpu to run on CPU"
+            )
+
+
 @dataclass
 class ModelConfig:
     """What the model is: CLIP backbone, temporal branch, label encoder, frozen LLM."""
@@ -106,7 +118,10 @@ class TagConfig:
     encode_actors: int = 1  # actor pool size of the encode stage (max when autoscaling)
     encode_actors_min: int | None = None  # None = fixed pool of encode_actors
     encode_num_cpus: float = 1.0
-    encode_num_gpus: float | None = None  # None = 1 when the cluster has GPUs, else 0
+    # auto: GPUs when the cluster has or can get GPU nodes (its autoscaler's node groups count,
+    # so a GPU group at min_workers 0 is used); cuda: always request GPUs; cpu: never.
+    device: str = "auto"  # auto | cuda | cpu
+    encode_num_gpus: float | None = None  # GPUs per encode actor on GPU (None = 1)
     torch_threads: int = 1  # intra-op threads per encode actor
     compile: bool = False  # torch.compile the video encoder in each encode actor
     # Keep each video's embedding in its row: a changed vocabulary is then re-scored from it
@@ -126,6 +141,7 @@ class TagConfig:
         _positive(f"{prefix}.torch_threads", self.torch_threads)
         _positive(f"{prefix}.rows_per_file", self.rows_per_file)
         _positive(f"{prefix}.rescore_batch_size", self.rescore_batch_size)
+        _check_device(prefix, self.device, "encode_num_gpus", self.encode_num_gpus)
         for s in self.allowed_schemes:
             _choice(f"{prefix}.allowed_schemes", s, ("file", "s3", "gs"))
 
@@ -137,7 +153,8 @@ class LabelBankConfig:
     backend: str = "hf"  # hf (transformers) | vllm
     batch_size: int = 16
     actors: int = 1
-    num_gpus: float | None = None  # None = 1 when the cluster has GPUs, else 0
+    device: str = "auto"  # auto | cuda | cpu, as tag.device
+    num_gpus: float | None = None  # GPUs per actor on GPU (None = 1)
     num_cpus: float = 1.0  # CPUs per actor
     torch_threads: int = 1  # intra-op threads per actor
     # Share of GPU memory the vLLM engine takes; the rest holds the frozen LLM of the
@@ -150,6 +167,7 @@ class LabelBankConfig:
         _positive(f"{prefix}.actors", self.actors)
         _positive(f"{prefix}.num_cpus", self.num_cpus, allow_zero=True)
         _positive(f"{prefix}.torch_threads", self.torch_threads)
+        _check_device(prefix, self.device, "num_gpus", self.num_gpus)
         if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
             raise ConfigError(
                 f"{prefix}.vllm_gpu_memory_utilization: must be in (0, 1], "

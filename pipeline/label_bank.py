@@ -2,7 +2,7 @@
 
     vocabulary file (driver)       validate; keep rows of the existing bank built by this model
       -> LabelBankActor (Ray Data actor pool, label_bank.actors; the model loads once per
-                         actor, on a GPU when the cluster has one; backend hf or vllm)
+                         actor, on a GPU by label_bank.device; backend hf or vllm)
       -> one atomic Parquet file: label, embedding, attributes, model_fingerprint
 
 Incremental: a label already in the bank under the same model fingerprint is reused as it is;
@@ -33,6 +33,7 @@ from ovml_core.vocabulary import VocabularyError
 from pipeline.cli import job_parser, log_to_console
 from pipeline.manifest import Filesystems, resolve
 from pipeline.parquet_io import label_bank_schema, write_parquet_atomic
+from pipeline.resources import actor_device, gpus_per_actor
 from pipeline.tagging import ModelSource
 
 logger = logging.getLogger(__name__)
@@ -43,11 +44,12 @@ EXIT_OK, EXIT_CONFIG = 0, 2
 class LabelBankActor:
     """`map_batches` callable: one model per actor; a batch of labels -> label bank rows."""
 
-    def __init__(self, source: ModelSource, settings: LabelBankConfig, fingerprint: str):
+    def __init__(
+        self, source: ModelSource, settings: LabelBankConfig, fingerprint: str, num_gpus: float
+    ):
         # Ray sets OMP_NUM_THREADS per actor; torch's own pool is sized here explicitly.
         torch.set_num_threads(settings.torch_threads)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = source.load(device)
+        model = source.load(actor_device(num_gpus))
         if model_fingerprint(model) != fingerprint:
             raise CheckpointError(
                 f"the model loaded by this actor is not the one the job started with "
@@ -141,25 +143,24 @@ def compute_rows(
     size = settings.batch_size
     # One block per batch, so the pool's actors share the work.
     blocks = [pa.table({"label": labels[i : i + size]}) for i in range(0, len(labels), size)]
+    num_gpus = gpus_per_actor(settings.device, settings.num_gpus, "label_bank")
     rows = ray.data.from_arrow(blocks).map_batches(
         LabelBankActor,
-        fn_constructor_kwargs={"source": source, "settings": settings, "fingerprint": fingerprint},
+        fn_constructor_kwargs={
+            "source": source,
+            "settings": settings,
+            "fingerprint": fingerprint,
+            "num_gpus": num_gpus,
+        },
         batch_size=size,
         batch_format="pyarrow",
         # No more actors than batches: each actor loads a whole model.
         compute=ray.data.ActorPoolStrategy(size=min(settings.actors, len(blocks))),
         num_cpus=settings.num_cpus,
-        num_gpus=actor_num_gpus(settings),
+        num_gpus=num_gpus,
     )
     tables = [t for t in ray.get(rows.to_arrow_refs()) if t.num_rows]
     return pa.concat_tables(tables) if tables else None
-
-
-def actor_num_gpus(settings: LabelBankConfig) -> float:
-    """label_bank.num_gpus, or 1 when the cluster has GPUs right now and 0 otherwise."""
-    if settings.num_gpus is not None:
-        return settings.num_gpus
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
 def in_vocabulary_order(tables: list[pa.Table | None], labels: list[str]) -> pa.Table:

@@ -1,0 +1,84 @@
+"""GPU placement from configuration and from what an autoscaling cluster can add."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import ray
+import torch
+from ray.core.generated import autoscaler_pb2
+from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+from ovml_core.config import Config, ConfigError
+from pipeline.resources import actor_device, gpus_per_actor, max_cluster_resources
+
+NAMESPACE = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
+CONFIG_KEY = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY
+
+
+@pytest.fixture(scope="module")
+def cpu_cluster():
+    """A local cluster without GPUs, on any host (num_gpus=0 even where CUDA exists)."""
+    ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def gpu_node_group(cpu_cluster):
+    """What an autoscaler publishes for a GPU group at min_workers 0: no GPU node exists yet."""
+    group = autoscaler_pb2.NodeGroupConfig(
+        name="gpu", resources={"CPU": 8, "GPU": 1}, min_count=0, max_count=2
+    )
+    config = autoscaler_pb2.ClusterConfig(node_group_configs=[group])
+    _internal_kv_put(CONFIG_KEY, config.SerializeToString(), overwrite=True, namespace=NAMESPACE)
+    yield
+    _internal_kv_del(CONFIG_KEY, namespace=NAMESPACE)
+
+
+def test_auto_uses_gpus_the_autoscaler_can_add_before_any_exists(gpu_node_group):
+    assert ray.cluster_resources().get("GPU", 0) == 0  # none now
+    assert max_cluster_resources()["GPU"] == 2  # two nodes of one GPU at most
+    assert gpus_per_actor("auto", None, "tag") == 1.0
+    assert gpus_per_actor("auto", 0.5, "tag") == 0.5
+
+
+def test_auto_without_gpus_anywhere_runs_on_cpu_and_says_so(cpu_cluster, caplog):
+    with caplog.at_level(logging.WARNING, logger="pipeline.resources"):
+        assert gpus_per_actor("auto", None, "label_bank") == 0.0
+    assert "label_bank.device=cuda" in caplog.text
+
+
+def test_cuda_and_cpu_do_not_ask_the_cluster(cpu_cluster, gpu_node_group):
+    assert gpus_per_actor("cuda", None, "tag") == 1.0  # waits for GPU nodes, never CPU
+    assert gpus_per_actor("cuda", 0.25, "tag") == 0.25
+    assert gpus_per_actor("cpu", None, "tag") == 0.0  # even though GPUs can be added
+
+
+def test_an_actor_given_gpus_uses_cuda_or_fails_loudly():
+    assert actor_device(0) == "cpu"
+    if torch.cuda.is_available():
+        assert actor_device(1) == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
+            actor_device(1)
+
+
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("tag", "device", "gpu"),
+        ("label_bank", "device", "tpu"),
+        ("tag", "encode_num_gpus", 0),
+        ("label_bank", "num_gpus", 0),
+    ],
+)
+def test_device_settings_are_checked(section, key, value):
+    with pytest.raises(ConfigError, match=f"{section}.{key}"):
+        Config.from_dict({section: {key: value}})
+
+
+def test_zero_gpus_is_fine_on_cpu():
+    cfg = Config.from_dict({"tag": {"device": "cpu", "encode_num_gpus": 0}})
+    assert cfg.tag.device == "cpu"
