@@ -4,6 +4,7 @@ chance, scores are the tagger's own, the HTML page is self-contained and escaped
 without an embedding or of another model are skipped and counted."""
 
 import base64
+import html
 import re
 import shutil
 from pathlib import Path
@@ -16,10 +17,23 @@ import pytest
 
 from ovml_core import moving_fashion as mf
 from ovml_core.config import Config
+from ovml_core.evaluation import png_bytes
 from ovml_core.metrics import average_precision_per_label
+from ovml_core.video import sample_frames
 from pipeline.parquet_io import read_tags
-from pipeline.search import COLUMNS, SearchError, encode_query, main, search
+from pipeline.search import (
+    COLUMNS,
+    THUMBNAIL_SIZE,
+    Hit,
+    SearchError,
+    SearchResult,
+    encode_query,
+    html_page,
+    main,
+    search,
+)
 from pipeline.tagging import ModelSource
+from tests.videos import read_frame_index, write_indexed_video
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = str(REPO / "models" / "moving-fashion-tiny" / "checkpoint")
@@ -168,3 +182,25 @@ def test_main_prints_hits_and_writes_a_self_contained_escaped_page(
 def test_a_query_the_label_encoder_cannot_take_is_refused(tiny_model, text, error):
     with pytest.raises(SearchError, match=error):
         encode_query(tiny_model, text)
+
+
+def test_page_escapes_every_text_and_reports_a_hit_it_cannot_decode(tiny_config, tmp_path):
+    clip = write_indexed_video(tmp_path / "clip.mp4", 24)
+    hostile = "<img src=x onerror=alert(1)>"
+    result = SearchResult(
+        query="<script>",
+        hits=[Hit(hostile, str(clip), 0.9), Hit("gone", str(tmp_path / "<u>gone</u>.mp4"), 0.5)],
+        searched=2,
+        without_embedding=0,
+        other_model=0,
+    )
+    page = html_page(tiny_config, result, str(tmp_path))
+    assert "<script" not in page and "<u>" not in page and "onerror=alert(1)>" not in page
+    assert html.escape(hostile) in page and "&lt;u&gt;gone&lt;/u&gt;.mp4" in page
+    images = re.findall(r'<img [^>]*src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 1  # the decodable hit; the other says why it has none
+    assert page.count('class="error">no thumbnail: ') == 1
+    # The thumbnail is the clip's middle frame: write_indexed_video numbers its frames.
+    frame, _ = sample_frames(clip, 1, THUMBNAIL_SIZE)
+    assert read_frame_index(frame[0]) in (11, 12)  # of 0..23
+    assert base64.b64decode(images[0]) == png_bytes(frame[0])
