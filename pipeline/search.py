@@ -12,6 +12,8 @@ rows, rows tagged with tag.emit_embedding off or by older versions) and rows of 
 (their embeddings live in another space) are skipped and counted. Only the hits are decoded, for
 the HTML page: one middle frame each, inlined as a PNG data URI, so the page is one file that
 needs no network; every text on it is HTML-escaped (video ids, URIs and the query are input).
+The current embeddings are held in memory (float16: 2 x D bytes per video, ~1 GB for a million
+512-d videos) and scored in float32 chunks of SCORE_CHUNK rows.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ Table macros:
 - `new_tags_since(r)`: (video_id, label, score, run_id) for every current tag of a video whose
   current row is newer than `r` and whose state as of `r` lacked that label (all its tags when
   the video had no row then).
+Both macros see only stored rows: a compaction drops superseded rows, after which a video whose
+row as of `r` was superseded reads as having had no row then (docs/sql.md).
 Local directories only; DuckDB is a test dependency (`pip install duckdb`).
 """
 

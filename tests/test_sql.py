@@ -4,6 +4,7 @@ a snapshot copy) with known answers, and on real tagging runs: a first run over 
 then a second run that re-tags two of them at a lower threshold."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -107,6 +108,25 @@ def test_example_queries_on_written_parts(written):
         "SELECT video_id, run_id FROM tags_as_of(?) ORDER BY video_id", [RUN1]
     ).fetchall()
     assert as_of == [("a", RUN1), ("b", RUN1), ("c", RUN1)]
+
+
+def test_a_compaction_keeps_the_current_state_and_drops_history(written):
+    """A compaction by hand: the current rows, run ids kept, as one snapshot; other parts gone."""
+    current = read_tags(written)
+    for part in Path(written).glob("part-*.parquet"):
+        part.unlink()
+    pq.write_table(current, Path(written) / f"part-{RUN3}-snapshot.parquet")
+    con = connect(written)
+    got = con.sql("SELECT video_id, run_id FROM tags_current ORDER BY video_id").fetchall()
+    assert got == [(r["video_id"], r["run_id"]) for r in current.to_pylist()]
+    # b's run-1 row (cat) is gone: as of run 1, b now had no row, so cat counts as new too.
+    new = "SELECT video_id, label FROM new_tags_since(?) ORDER BY video_id, label"
+    assert con.execute(new, [RUN1]).fetchall() == [
+        ("b", "cat"),
+        ("b", "dog"),
+        ("d", "bird"),
+        ("d", "dog"),
+    ]
 
 
 def _manifest(path, clips):
