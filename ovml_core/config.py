@@ -90,7 +90,8 @@ class VideoConfig:
 
     max_pixels: int = 3840 * 2160  # width*height of the stream
     max_duration_s: float = 4 * 3600.0
-    max_decode_s: float = 60.0  # wall-clock budget per video
+    max_decode_s: float = 60.0  # wall-clock budget per video, remote reads included
+    max_bytes: int = 8 << 30  # size of the video file
     decoder_threads: int = 2
     # auto: decode on, and seek only when a keyframe lies before the next sampled frame (one
     # pass for short clips, a seek per sample for long ones). sequential / seek: never / always.
@@ -104,6 +105,7 @@ class VideoConfig:
         _positive(f"{prefix}.max_pixels", self.max_pixels)
         _positive(f"{prefix}.max_duration_s", self.max_duration_s)
         _positive(f"{prefix}.max_decode_s", self.max_decode_s)
+        _positive(f"{prefix}.max_bytes", self.max_bytes)
         _positive(f"{prefix}.decoder_threads", self.decoder_threads, allow_zero=True)
 
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 import bisect
 import contextlib
 import os
+import queue
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,8 +29,8 @@ import numpy as np
 
 from ovml_core.config import VideoConfig
 
-# PyAV reads file objects in chunks of this size; for object stores each read is a request.
-_REMOTE_READ_BYTES = 1 << 20
+# Remote videos are fetched in reads of this size (for object stores each read is a request).
+_REMOTE_READ_BYTES = 8 << 20
 
 # The demuxers FFmpeg may use, by FFmpeg's names ("mov" is mp4/m4v/mov/3gp, "matroska" is
 # mkv/webm). Left out on purpose: raw-frame formats (yuv4mpeg, rawvideo), whose first packet
@@ -112,7 +115,7 @@ def sample_frames(
     limits = limits or VideoConfig()
     uri = os.fspath(uri)
     deadline = _Deadline(uri, limits.max_decode_s)
-    with _opened_source(uri, filesystem) as source:
+    with _local_source(uri, filesystem, limits, deadline) as source:
         with _container(uri, source) as container:
             stream = _checked_video_stream(uri, container, limits)
             table = _frame_table(uri, container, stream, deadline)
@@ -165,8 +168,15 @@ def _too_long(uri: str, duration_s: float, limits: VideoConfig) -> str:
 
 
 @contextlib.contextmanager
-def _opened_source(uri: str, filesystem: Any) -> Iterator[str | Any]:
-    """A local path, or an open pyarrow input file for remote storage."""
+def _local_source(
+    uri: str, filesystem: Any, limits: VideoConfig, deadline: _Deadline
+) -> Iterator[str]:
+    """A local path to decode from: the file itself, or a temporary copy of a remote one.
+
+    A remote video is fetched once (the demux and decode passes then read local bytes), within
+    the decode deadline and video.max_bytes: a read that stalls mid-body (an object store
+    that stops sending) becomes an error when the deadline passes instead of holding the
+    worker forever."""
     if filesystem is None:
         parsed = urlparse(uri)
         if parsed.scheme == "file":
@@ -174,15 +184,66 @@ def _opened_source(uri: str, filesystem: Any) -> Iterator[str | Any]:
         elif len(parsed.scheme) > 1:  # one letter is a Windows drive
             filesystem, uri = _remote_filesystem(uri)
     if filesystem is None:
-        _check_local_file(uri)
+        _check_local_file(uri, limits)
         yield uri
         return
+    with tempfile.TemporaryDirectory(prefix="ovml-video-") as folder:
+        local = os.path.join(folder, "video")
+        _fetch(uri, filesystem, local, limits, deadline)
+        yield local
+
+
+def _fetch(uri: str, filesystem: Any, local: str, limits: VideoConfig, deadline: _Deadline):
+    """Copy a remote file to `local`; reads happen in a daemon thread so that a stalled one
+    is abandoned (with its connection) when the deadline passes."""
+    blocks: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+    threading.Thread(target=_read_blocks, args=(filesystem, uri, blocks, stop), daemon=True).start()
+    size = 0
     try:
-        handle = filesystem.open_input_file(uri)
-    except (OSError, ValueError) as err:
-        raise VideoDecodeError(f"{uri}: cannot open: {err}") from err
-    with handle:
-        yield handle
+        with open(local, "wb") as out:
+            while (block := _next_block(uri, blocks, deadline)) != b"":
+                size += len(block)
+                if size > limits.max_bytes:
+                    raise VideoDecodeError(
+                        f"{uri}: larger than video.max_bytes={limits.max_bytes} bytes"
+                    )
+                out.write(block)
+    finally:
+        stop.set()
+    if size == 0:
+        raise VideoDecodeError(f"{uri}: empty file")
+
+
+def _read_blocks(filesystem: Any, uri: str, blocks: queue.Queue, stop: threading.Event):
+    """Producer: the file's blocks, then b"" (or the exception that ended the reads)."""
+    try:
+        with filesystem.open_input_file(uri) as handle:
+            while not stop.is_set():
+                block = handle.read(_REMOTE_READ_BYTES)
+                while not stop.is_set():
+                    with contextlib.suppress(queue.Full):
+                        blocks.put(block, timeout=0.1)
+                        break
+                if not block:
+                    return
+    except Exception as err:  # handed to the consumer, which raises it as a decode error
+        blocks.put(err)
+
+
+def _next_block(uri: str, blocks: queue.Queue, deadline: _Deadline) -> bytes:
+    try:
+        item = blocks.get(timeout=max(deadline.seconds - deadline.elapsed(), 0.0))
+    except queue.Empty:
+        raise VideoDecodeError(
+            f"{uri}: read stalled: the file did not arrive within "
+            f"video.max_decode_s={deadline.seconds:g} s"
+        ) from None
+    if isinstance(item, FileNotFoundError):
+        raise VideoDecodeError(f"{uri}: file not found") from item
+    if isinstance(item, Exception):
+        raise VideoDecodeError(f"{uri}: read failed: {item}") from item
+    return item
 
 
 def _remote_filesystem(uri: str) -> tuple[Any, str]:
@@ -194,27 +255,28 @@ def _remote_filesystem(uri: str) -> tuple[Any, str]:
         raise VideoDecodeError(f"{uri}: unsupported or unreachable location: {err}") from err
 
 
-def _check_local_file(path: str) -> None:
+def _check_local_file(path: str, limits: VideoConfig) -> None:
     p = Path(path)
     if not p.exists():
         raise VideoDecodeError(f"{path}: file not found")
     if not p.is_file():  # a FIFO or device would block the demuxer
         raise VideoDecodeError(f"{path}: not a regular file")
-    if p.stat().st_size == 0:
+    size = p.stat().st_size
+    if size == 0:
         raise VideoDecodeError(f"{path}: empty file")
+    if size > limits.max_bytes:
+        raise VideoDecodeError(f"{path}: larger than video.max_bytes={limits.max_bytes} bytes")
 
 
 @contextlib.contextmanager
-def _container(uri: str, source: str | Any) -> Iterator[av.container.InputContainer]:
-    """Open `source` with PyAV; every FFmpeg failure inside becomes a VideoDecodeError."""
-    options: dict[str, Any] = {"metadata_errors": "ignore"}
-    if not isinstance(source, str):
-        source.seek(0)
-        options["buffer_size"] = _REMOTE_READ_BYTES
+def _container(uri: str, path: str) -> Iterator[av.container.InputContainer]:
+    """Open the local file `path` (of `uri`) with PyAV; every FFmpeg failure inside becomes a
+    VideoDecodeError."""
     allowed = ",".join(CONTAINER_FORMATS)
     opened = False
     try:
-        with av.open(source, options={"format_whitelist": allowed}, **options) as container:
+        options = {"format_whitelist": allowed}
+        with av.open(path, options=options, metadata_errors="ignore") as container:
             opened = True
             yield container
     except av.FFmpegError as err:
@@ -222,7 +284,7 @@ def _container(uri: str, source: str | Any) -> Iterator[av.container.InputContai
         refused = not opened and isinstance(err, av.error.ArgumentError)
         hint = f" (or not one of the container formats {allowed})" if refused else ""
         raise VideoDecodeError(f"{uri}: not a readable video{hint}: {err}") from err
-    except OSError as err:  # remote reads
+    except OSError as err:
         raise VideoDecodeError(f"{uri}: read failed: {err}") from err
 
 
