@@ -14,6 +14,10 @@ COMMANDS = {
     "train": ("pipeline.training", "fine-tune with Ray Train, resumable (jobs/train.py)"),
     "eval": ("pipeline.evaluation", "mAP, ECE and an HTML report of a run (jobs/evaluate.py)"),
     "plan": ("ovml_core.capacity", "nodes and cost for N videos a night (docs/scaling.md)"),
+    "search": (
+        "pipeline.search",
+        "text-to-video search over the stored embeddings of a tags folder",
+    ),
 }
 
 
