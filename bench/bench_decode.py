@@ -285,6 +285,12 @@ def measure(videos: list[Video], named_peers: dict, size: int, rounds: int) -> d
     return results
 
 
+def ffmpeg_version() -> str:
+    if not os.path.exists(FFMPEG):
+        return f"no {FFMPEG}: ffmpeg peers left out"
+    return subprocess.run([FFMPEG, "-version"], capture_output=True, text=True).stdout.split()[2]
+
+
 def load_text() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -338,13 +344,15 @@ def main() -> None:
     paths = sample_clips() + generated_videos(args.cache_dir, specs)
     print(
         f"PyAV {av.__version__} (libavcodec {'.'.join(map(str, av.library_versions['libavcodec']))}), "
-        f"{subprocess.run([FFMPEG, '-version'], capture_output=True, text=True).stdout.split()[2]} CLI; "
+        f"{ffmpeg_version()}; "
         f"core {args.core} of {os.cpu_count()}, 1 decoder thread, T={args.frames}, S={args.size}, "
         f"{rounds} rounds; load {load_text()}",
         flush=True,
     )
     videos = [planned_video(p, args.frames, args.size) for p in paths]
     named_peers = peers(args.frames)
+    if not os.path.exists(FFMPEG):
+        named_peers = {n: p for n, p in named_peers.items() if not n.startswith("ffmpeg")}
     if args.peers:
         named_peers = {n: p for n, p in named_peers.items() if n in {"ours-auto", *args.peers}}
     results = measure(videos, named_peers, args.size, rounds)
