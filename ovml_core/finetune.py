@@ -3,11 +3,13 @@
 one batch with its regularizers, validation, exporting, and resumable training state.
 
 "Pretrained" means the model as `create_model` builds it. Its temporal branch is
-zero-initialised, so at that point the video tower is exactly frame-mean CLIP: `patch`
-interpolates the video tower's trainable weights back towards that state (WiSE-FT towards the
-zero-shot model). `l2sp` pulls only the pretrained CLIP vision weights (L2-SP, Li et al.
-2018: new layers get plain weight decay); pulling the temporal branch back to its zero init
-too undid what it learned (Moving Fashion, BENCHMARKS.md). `distill` pulls video and label
+zero-initialised, so at that point the video tower is exactly frame-mean CLIP. `patch` and
+`l2sp` act only on the weights the fine-tuned model shares with zero-shot CLIP, its vision
+tower: `patch` exports them interpolated towards their pretrained values (weight patching,
+Ilharco et al. 2022), `l2sp` pulls them back (L2-SP, Li et al. 2018). Parameters new to
+fine-tuning (temporal branch, prefix, prompting, scale, bias) have no zero-shot value: they keep
+their fine-tuned values and get plain weight decay; pulling the temporal branch back to its zero
+init undid what it learned (Moving Fashion, BENCHMARKS.md). `distill` pulls video and label
 features towards a frozen frame-mean CLIP with plain prompts (the teacher).
 The CLIP text tower and the LLM never train, so the label side is regularized by `distill` only.
 
@@ -19,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,9 @@ from ovml_core.model import OVMLModel, create_model
 from ovml_core.regularizers import (
     distillation_loss,
     draw_alpha,
-    interpolate_weights,
     interpolated_loss,
     l2sp_penalty,
+    patched,
     reference_state,
 )
 
@@ -151,7 +152,7 @@ class Objective:
     """Task loss plus the configured regularizers for one batch.
 
     Holds what the regularizers compare against, made once per worker at init: the frozen
-    teacher (`distill`) and the pretrained video-tower weights (`l2sp`, `patch`).
+    teacher (`distill`) and the pretrained CLIP vision weights (`l2sp`, `patch`).
     """
 
     def __init__(self, model: OVMLModel, train: TrainConfig, base_labels: list[str]):
@@ -163,13 +164,8 @@ class Objective:
         )
         check_regularizers(model.config, train)
         uses_pretrained = {"l2sp", "patch"} & set(train.regularizers)
-        self.pretrained_visual = reference_state(model.visual) if uses_pretrained else None
-        # The CLIP tower's share of it, the same tensors, named as in `model.visual.visual`.
-        self.pretrained_clip = {
-            name.removeprefix("visual."): value
-            for name, value in (self.pretrained_visual or {}).items()
-            if name.startswith("visual.")
-        }
+        # Named as in `model.visual.visual`; the temporal branch is not in it.
+        self.pretrained_clip = reference_state(model.visual.visual) if uses_pretrained else None
 
     def __call__(
         self,
@@ -222,24 +218,20 @@ class Objective:
 
             alpha = draw_alpha(generator=generator)
             reg = reg + train.patch_loss_weight * interpolated_loss(
-                model.visual, self.pretrained_visual, alpha, loss_at_interpolated_weights
+                model.visual.visual, self.pretrained_clip, alpha, loss_at_interpolated_weights
             )
         return reg
 
 
 def check_regularizers(model: ModelConfig, train: TrainConfig) -> None:
-    """`l2sp` acts on the CLIP vision weights and `patch` on the video tower's trainable
-    weights: there must be some."""
-    if "l2sp" in train.regularizers and train.lr_clip <= 0:
-        raise ConfigError(
-            "train.regularizers: l2sp pulls the CLIP vision weights towards their pretrained "
-            "values, but train.lr_clip is 0 (frozen): set train.lr_clip > 0 or drop l2sp"
-        )
-    if "patch" in train.regularizers and model.temporal != "divided" and train.lr_clip <= 0:
-        raise ConfigError(
-            "train.regularizers: patch needs trainable video weights, but "
-            f"model.temporal={model.temporal!r} has none and train.lr_clip is 0"
-        )
+    """`l2sp` and `patch` act on the CLIP vision weights only: they must train."""
+    for name in ("l2sp", "patch"):
+        if name in train.regularizers and train.lr_clip <= 0:
+            raise ConfigError(
+                f"train.regularizers: {name} acts on the CLIP vision weights (the temporal "
+                "branch is new and has no pretrained value), but train.lr_clip is 0 (frozen): "
+                f"set train.lr_clip > 0 or drop {name}"
+            )
 
 
 # ---------------------------------------------------------------- validation and export
@@ -272,30 +264,14 @@ def evaluate(
     return {"map_base": subset_map(scores, targets, labels, base_labels).value}
 
 
-@contextmanager
-def interpolated_visual(model: OVMLModel, pretrained: dict[str, torch.Tensor], alpha: float):
-    """Temporarily give the video tower alpha * pretrained + (1 - alpha) * current weights."""
-    params = dict(model.visual.named_parameters())
-    tuned = {name: params[name].detach().clone() for name in pretrained}
-    merged = interpolate_weights(pretrained, tuned, alpha)
-    with torch.no_grad():
-        for name, value in merged.items():
-            params[name].copy_(value)
-    try:
-        yield model
-    finally:
-        with torch.no_grad():
-            for name, value in tuned.items():
-                params[name].copy_(value)
-
-
 def export_model(model: OVMLModel, directory: str | Path, objective: Objective) -> Path:
-    """The deliverable checkpoint (`load_checkpoint` reads it). With `patch`, its video tower
-    weights are interpolated towards the pretrained ones (WiSE-FT); training itself continues
-    from the un-interpolated weights, which `save_training_state` keeps."""
+    """The deliverable checkpoint (`load_checkpoint` reads it). With `patch`, its CLIP vision
+    weights are interpolated towards the pretrained ones and every new parameter keeps its
+    fine-tuned value; training itself continues from the un-interpolated weights, which
+    `save_training_state` keeps."""
     if "patch" not in objective.train.regularizers:
         return save_checkpoint(model, directory)
-    with interpolated_visual(model, objective.pretrained_visual, objective.train.patch_alpha):
+    with patched(model.visual.visual, objective.pretrained_clip, objective.train.patch_alpha):
         return save_checkpoint(model, directory)
 
 

@@ -2,8 +2,10 @@
 
 - `distill` (FROSTER): cosine distillation of features towards the frozen pretrained model's.
 - `l2sp`: squared L2 distance of the trainable weights to their pretrained values.
-- `patch` (Open-VCLIP / WiSE-FT): export alpha * pretrained + (1 - alpha) * fine-tuned weights;
-  optionally also train on the loss at randomly interpolated weights.
+- `patch` (weight patching, Ilharco et al. 2022; Open-VCLIP): export alpha * pretrained +
+  (1 - alpha) * fine-tuned for the weights both models share, while parameters new to
+  fine-tuning keep their fine-tuned values; optionally also train on the loss at randomly
+  interpolated weights.
 
 Everything works on generic modules and state dicts, so the trainer applies it to whichever
 parts it fine-tunes.
@@ -11,7 +13,8 @@ parts it fine-tunes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +100,24 @@ def interpolate_weights(
         # lerp is exact at both ends: weight 0 gives start, weight 1 gives end.
         merged[name] = torch.lerp(tuned.detach(), pre.to(tuned), alpha)
     return merged
+
+
+@contextmanager
+def patched(module: nn.Module, pretrained_state: State, alpha: float) -> Iterator[nn.Module]:
+    """Temporarily give `module`'s parameters named in `pretrained_state` alpha * pretrained +
+    (1 - alpha) * current values; the others (new to fine-tuning) stay as they are."""
+    params = _referenced_params(module, pretrained_state)
+    tuned = {name: param.detach().clone() for name, param in params.items()}
+    merged = interpolate_weights(pretrained_state, tuned, alpha)
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(merged[name])
+    try:
+        yield module
+    finally:
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(tuned[name])
 
 
 def draw_alpha(max_alpha: float = 1.0, generator: torch.Generator | None = None) -> float:
