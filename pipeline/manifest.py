@@ -21,7 +21,10 @@ import functools
 import logging
 import os
 import posixpath
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -61,6 +64,8 @@ MANIFEST_READERS = {
 }
 CSV_LABEL_SEPARATOR = "|"
 _GLOB_CHARS = "*?["
+STAT_THREADS = 32  # concurrent metadata calls to object stores (each one a round trip)
+STAT_CHUNK = 256  # paths per get_file_info call
 
 # scheme -> filesystem to use instead of pyarrow's default for that scheme (e.g. an
 # S3FileSystem with an endpoint override). Filesystems pickle, so Ray tasks can receive them.
@@ -265,3 +270,53 @@ def _normalise(table: pa.Table, source: str) -> pa.Table:
     columns = {"video_id": pa.array(ids, pa.string()), "uri": table["uri"].fill_null("")}
     columns |= {c: table[c] for c in ("labels", "split") if c in table.column_names}
     return pa.table(columns)
+
+
+def source_stats(
+    uris: list[str],
+    *,
+    allowed_schemes: Iterable[str] = ("file", "s3", "gs"),
+    filesystems: Filesystems | None = None,
+) -> pa.Table:
+    """`source_size` (int64) and `source_mtime` (ISO 8601 UTC string) of each uri: one
+    metadata call per file, never a read of the video. Null where the file is missing, the
+    scheme is not allowed or the store cannot be asked; decoding then reports why."""
+    allowed = list(allowed_schemes)
+    sizes: list[int | None] = [None] * len(uris)
+    mtimes: list[str | None] = [None] * len(uris)
+    # (index, path) per filesystem: local paths all share one LocalFileSystem.
+    paths: dict[int, list[tuple[int, str]]] = defaultdict(list)
+    systems: dict[int, pafs.FileSystem] = {}
+    for i, uri in enumerate(uris):
+        if not uri or uri_scheme(uri) not in allowed:
+            continue
+        try:
+            fs, path = resolve(uri, filesystems)
+        except (OSError, ValueError, pa.ArrowException):
+            continue
+        key = 0 if isinstance(fs, pafs.LocalFileSystem) else id(fs)
+        systems.setdefault(key, fs)
+        paths[key].append((i, path))
+    chunks = [
+        (systems[key], items[start : start + STAT_CHUNK])
+        for key, items in paths.items()
+        for start in range(0, len(items), STAT_CHUNK)
+    ]
+    with ThreadPoolExecutor(max_workers=STAT_THREADS) as pool:
+        for chunk, infos in zip(chunks, pool.map(_file_infos, chunks), strict=True):
+            for (i, _), info in zip(chunk[1], infos, strict=True):
+                if info is not None and info.type == pafs.FileType.File:
+                    sizes[i] = info.size
+                    mtimes[i] = info.mtime.astimezone(UTC).isoformat() if info.mtime else None
+    return pa.table(
+        {"source_size": pa.array(sizes, pa.int64()), "source_mtime": pa.array(mtimes, pa.string())}
+    )
+
+
+def _file_infos(chunk: tuple[pafs.FileSystem, list[tuple[int, str]]]) -> list:
+    fs, items = chunk
+    try:
+        return fs.get_file_info([path for _, path in items])
+    except (OSError, ValueError, pa.ArrowException) as err:
+        logger.warning("could not stat %d video files (e.g. %s): %s", len(items), items[0][1], err)
+        return [None] * len(items)

@@ -5,6 +5,8 @@ temporary name and renamed when complete, so a reader (or a rerun after a kill) 
 whole files. Each run writes one row per video it processed. The *current* tags of a directory
 are, per video_id, the row of the latest run (`read_tags`): run ids sort by start time, so a
 rerun that retries a video supersedes the older row and nothing is rewritten in place.
+`pipeline.compaction` folds the current rows into one snapshot part file (rows keep their run
+ids) and deletes the parts it replaces; `read_tags` relists when a part vanishes under it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ PART_SUFFIX = ".parquet"
 TEMP_PREFIX = "."  # hidden while being written; readers skip it
 
 TAG_STRUCT = pa.struct([("label", pa.string()), ("score", pa.float32())])
+# "element" is the Parquet-compliant name pyarrow writes and reads lists back with; naming it
+# here keeps a table built in memory equal to the same table read from a file.
+TAG_LIST = pa.list_(pa.field("element", TAG_STRUCT))
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -40,28 +45,53 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 
-# The columns that decide whether a video needs (re)tagging; read without the tags themselves.
-INDEX_COLUMNS = ["video_id", "uri", "error", "model_fingerprint", "run_id"]
+# Stored video embeddings: float16 halves the bytes of float32 and moves a score by far less
+# than bf16 encoding does (BENCHMARKS.md, "Re-scoring"); scores are computed from the stored
+# value, so a row re-scored later gets exactly the scores a fresh tag would.
+EMBEDDING_TYPE = pa.float16()
+
+# The columns that decide what a video needs (tag, re-score, skip); read without tags/embeddings.
+INDEX_COLUMNS = [
+    "video_id",
+    "uri",
+    "error",
+    "model_fingerprint",
+    "vocabulary_fingerprint",
+    "source_size",
+    "source_mtime",
+    "run_id",
+]
+READ_ATTEMPTS = 5  # listings tried when part files vanish under a reader (a compaction)
 
 
 def tags_schema(embedding_dim: int | None = None) -> pa.Schema:
-    """Tags output; `embedding` (fixed_size_list<float32>[D]) only when embeddings are emitted."""
+    """Tags output; `embedding` (fixed_size_list<float16>[D], null for error rows) only when
+    embeddings are emitted."""
     fields = [
         pa.field("video_id", pa.string(), nullable=False),
         pa.field("uri", pa.string(), nullable=False),
-        pa.field("tags", pa.list_(TAG_STRUCT)),  # score >= threshold, highest first
-        pa.field("top_k", pa.list_(TAG_STRUCT)),  # the k highest, whatever their score
+        pa.field("tags", TAG_LIST),  # score >= threshold, highest first
+        pa.field("top_k", TAG_LIST),  # the k highest, whatever their score
     ]
     if embedding_dim:
-        fields.append(pa.field("embedding", pa.list_(pa.float32(), embedding_dim)))
+        fields.append(pa.field("embedding", pa.list_(EMBEDDING_TYPE, embedding_dim)))
     fields += [
         pa.field("num_frames", pa.int32()),  # frames in the video stream
         pa.field("duration_s", pa.float64()),
         pa.field("error", pa.string()),  # null when the video was tagged
         pa.field("model_fingerprint", pa.string(), nullable=False),
+        # labels (in scoring order), their model, threshold and top_k: what the tags mean
+        pa.field("vocabulary_fingerprint", pa.string()),
+        # the video file when it was decoded (pyarrow.fs FileInfo); a change means re-encode
+        pa.field("source_size", pa.int64()),
+        pa.field("source_mtime", pa.string()),
         pa.field("run_id", pa.string(), nullable=False),
     ]
     return pa.schema(fields)
+
+
+# Types of every column a tags file may hold: what a reader fills in for files that predate one.
+TAGS_TYPES = {f.name: f.type for f in tags_schema(1)}
 
 
 def label_bank_schema(embedding_dim: int) -> pa.Schema:
@@ -124,21 +154,53 @@ def part_files(fs: pafs.FileSystem, directory: str) -> list[str]:
 def read_parts(
     fs: pafs.FileSystem, paths: Iterable[str], columns: list[str] | None = None
 ) -> pa.Table | None:
+    """The rows of `paths`. Columns a file predates (e.g. `vocabulary_fingerprint` in files
+    of older versions) come back null, so old and new files read as one table."""
     tables = []
     for path in paths:
         with fs.open_input_file(path) as f:
-            tables.append(pq.read_table(f, columns=columns))
-    return pa.concat_tables(tables, promote_options="permissive") if tables else None
+            parquet = pq.ParquetFile(f)
+            names = parquet.schema_arrow.names
+            present = None if columns is None else [c for c in columns if c in names]
+            tables.append(_stored_embedding_type(parquet.read(columns=present)))
+    if not tables:
+        return None
+    table = pa.concat_tables(tables, promote_options="permissive")
+    for name in columns or []:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, TAGS_TYPES[name]))
+    return table if columns is None else table.select(columns)
+
+
+def _stored_embedding_type(table: pa.Table) -> pa.Table:
+    """Embeddings as EMBEDDING_TYPE (files of older versions stored float32)."""
+    if "embedding" not in table.column_names:
+        return table
+    column = table["embedding"]
+    wanted = pa.list_(EMBEDDING_TYPE, column.type.list_size)
+    if column.type == wanted:
+        return table
+    index = table.column_names.index("embedding")
+    return table.set_column(index, "embedding", column.cast(wanted))
 
 
 def read_tags(
     out: str, *, columns: list[str] | None = None, filesystems: Filesystems | None = None
 ) -> pa.Table | None:
     """The current tags of an output directory: exactly one row per video_id, from its latest
-    run. None when the directory holds no part files yet."""
+    run. None when the directory holds no part files yet. A part file that vanishes between
+    listing and reading (a compaction replaced it by its snapshot) makes it list again."""
     fs, directory = resolve(out, filesystems)
     needed = None if columns is None else list(dict.fromkeys([*columns, "video_id", "run_id"]))
-    table = read_parts(fs, part_files(fs, directory), needed)
+    for attempt in range(READ_ATTEMPTS):
+        paths = part_files(fs, directory)
+        try:
+            table = read_parts(fs, paths, needed)
+            break
+        except OSError:
+            vanished = any(fs.get_file_info(p).type == pafs.FileType.NotFound for p in paths)
+            if not vanished or attempt == READ_ATTEMPTS - 1:
+                raise
     if table is None:
         return None
     table = latest_per_video(table)
@@ -146,7 +208,8 @@ def read_tags(
 
 
 def latest_per_video(table: pa.Table) -> pa.Table:
-    """Keep, for each video_id, the row with the greatest run_id."""
+    """Keep, for each video_id, the row with the greatest run_id. Rows of one video with the
+    same run_id are copies (a snapshot beside the parts it replaces), so any one will do."""
     order = table.sort_by([("video_id", "ascending"), ("run_id", "descending")])
     ids = order["video_id"].to_pylist()
     first = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]

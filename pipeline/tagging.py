@@ -1,22 +1,32 @@
-"""The tagging job as a Ray Data plan: manifest -> decode -> encode + score -> Parquet tags.
+"""The tagging job as Ray Data plans: manifest -> decode -> encode + score -> Parquet tags.
 
-    manifest (driver, pyarrow)          skip videos already tagged by this model
+    manifest (driver, pyarrow; one metadata call per video file: size, mtime)
+      sorts each video: encode | re-score | skip (`pending_videos`)
+    encode:
       -> decode_video   (Ray tasks, tag.decode_num_cpus each)        uint8 [T, S, S, 3]
       -> VideoTagger    (actor pool; the model and label bank load once per actor,
                          GPU + bf16 autocast when the cluster has GPUs; uint8 clips go
                          to the device from pinned memory and are preprocessed there)
-      -> PartFileDatasink (atomic part files of this run in the output directory)
+    re-score:
+      stored rows -> rescore_batch (Ray tasks: stored embedding x label bank, no decode)
+    both -> PartFileDatasink (atomic part files of this run in the output directory)
 
-Nightly semantics: a run skips videos whose current row (see `parquet_io.read_tags`) has this
-model's fingerprint, the same uri and no error. Error rows are retried by default
-(`tag.retry_errors`), and the retry's row supersedes the old one because it belongs to a later
-run. A run killed half-way leaves only complete part files; the next run does the rest.
+Nightly semantics, per video of the manifest, against its current row (`parquet_io.read_tags`):
+no row, an error row (retried by default, `tag.retry_errors`), another model's row, or a row for
+another file (uri, size or mtime differ) -> decode + encode; the same model and file but another
+`vocabulary_fingerprint` (labels, threshold, top_k) -> re-scored from the stored embedding;
+otherwise skipped. So after any run every current row is scored against that run's vocabulary.
+Rows without an embedding (tag.emit_embedding off, or written by older versions) are encoded
+again instead of re-scored. A new row supersedes the old one because it belongs to a later run.
+A run killed half-way leaves only complete part files; the next run does the rest.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
 import logging
 import sys
 import time
@@ -24,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import torch
 
@@ -33,9 +44,11 @@ from ovml_core.label_embedder import LabelEmbedder, load_vocabulary
 from ovml_core.model import OVMLModel, create_model
 from ovml_core.vocabulary import VocabularyError
 from pipeline.cli import job_parser, log_to_console
-from pipeline.manifest import Filesystems, read_manifest, resolve
+from pipeline.manifest import Filesystems, read_manifest, resolve, source_stats
 from pipeline.parquet_io import (
     INDEX_COLUMNS,
+    TAG_LIST,
+    TAG_STRUCT,
     PartFileDatasink,
     new_run_id,
     read_label_bank,
@@ -104,21 +117,82 @@ def label_bank_from_file(
     return LabelBank(labels, embeddings)
 
 
+def vocabulary_fingerprint(labels: list[str], model: str, threshold: float, top_k: int) -> str:
+    """What a row's tags mean: the labels in scoring order, the model that embedded them, the
+    threshold and top_k. Rows with another value are re-scored (or re-tagged) by the next run."""
+    facts = {"labels": labels, "model": model, "threshold": threshold, "top_k": top_k}
+    return hashlib.sha256(json.dumps(facts, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
 def rank_tags(
-    probabilities: np.ndarray, labels: list[str], threshold: float, top_k: int
-) -> list[tuple[list[dict], list[dict]]]:
-    """Per video: (labels with probability >= threshold, the top_k labels), highest first."""
-    ranked = []
-    for row in probabilities:
-        order = np.argsort(-row, kind="stable")
-        above = order[row[order] >= threshold]
-        ranked.append(
-            (
-                [{"label": labels[j], "score": float(row[j])} for j in above],
-                [{"label": labels[j], "score": float(row[j])} for j in order[:top_k]],
-            )
-        )
-    return ranked
+    probabilities: np.ndarray, labels: list[str] | pa.Array, threshold: float, top_k: int
+) -> tuple[pa.ListArray, pa.ListArray]:
+    """Per video (row): the labels with probability >= threshold, and the top_k labels, each
+    highest first, equal scores in label order; list<struct<label, score>> arrays.
+
+    Vectorised over the whole [B, L] matrix (no Python loop per row or label): the top k by
+    a partition, not a full sort, so 10,000 labels cost O(L) per video."""
+    probabilities = np.asarray(probabilities, np.float32)
+    names = labels if isinstance(labels, pa.Array) else pa.array(labels, pa.string())
+    rows, cols = np.nonzero(probabilities >= threshold)  # row-major: label order within a row
+    tags = _tag_lists(probabilities, names, rows, cols)
+    k = min(top_k, probabilities.shape[1])
+    chosen = _top_k_mask(probabilities, k)
+    rows, cols = np.nonzero(chosen)
+    return tags, _tag_lists(probabilities, names, rows, cols)
+
+
+def _top_k_mask(probabilities: np.ndarray, k: int) -> np.ndarray:
+    """[B, L] bool, exactly k per row: the k highest; of equal scores at the cut, the first."""
+    batch, num_labels = probabilities.shape
+    if k == 0:
+        return np.zeros_like(probabilities, dtype=bool)
+    if k >= num_labels:
+        return np.ones_like(probabilities, dtype=bool)
+    kth = -np.partition(-probabilities, k - 1, axis=1)[:, k - 1 : k]  # k-th highest per row
+    above = probabilities > kth
+    at_cut = probabilities == kth
+    room = k - above.sum(axis=1, keepdims=True)
+    return above | (at_cut & (np.cumsum(at_cut, axis=1) <= room))
+
+
+def _tag_lists(
+    probabilities: np.ndarray, names: pa.Array, rows: np.ndarray, cols: np.ndarray
+) -> pa.ListArray:
+    """list<struct<label, score>> per row from the chosen (row, col) pairs, given row-major."""
+    scores = probabilities[rows, cols]
+    order = np.lexsort((-scores, rows))  # stable: equal scores keep label order
+    rows, cols, scores = rows[order], cols[order], scores[order]
+    counts = np.bincount(rows, minlength=probabilities.shape[0])
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    values = pa.StructArray.from_arrays(
+        [names.take(pa.array(cols, pa.int64())), pa.array(scores, pa.float32())],
+        fields=list(TAG_STRUCT),
+    )
+    return pa.ListArray.from_arrays(pa.array(offsets), values, type=TAG_LIST)
+
+
+@dataclass(frozen=True)
+class ScoreHead:
+    """The model's scoring head as two numbers: what re-scoring needs besides the embeddings."""
+
+    logit_scale: float  # exp(model.logit_scale)
+    logit_bias: float
+
+    @classmethod
+    def of(cls, model: OVMLModel) -> ScoreHead:
+        return cls(float(model.logit_scale.detach().exp()), float(model.logit_bias.detach()))
+
+    def score(self, video: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`OVMLModel.score`, float32, from embeddings alone."""
+        scale = torch.tensor(self.logit_scale, dtype=torch.float32)
+        return torch.sigmoid(scale * video @ labels.T + self.logit_bias)
+
+
+def as_stored(video: torch.Tensor) -> torch.Tensor:
+    """The embedding as the tags file stores it (EMBEDDING_TYPE), back in float32: scores are
+    computed from this, so re-scoring a stored row reproduces a fresh tag's scores."""
+    return video.to(torch.float16).float()
 
 
 class VideoTagger:
@@ -129,6 +203,7 @@ class VideoTagger:
         source: ModelSource,
         bank: LabelBank,
         fingerprint: str,
+        vocabulary_fingerprint: str,
         run_id: str,
         tag: TagConfig,
         meter: ray.actor.ActorHandle | None = None,
@@ -146,6 +221,7 @@ class VideoTagger:
         self.labels = bank.labels
         self.label_embeddings = torch.tensor(bank.embeddings, device=self.device)
         self.fingerprint, self.run_id, self.tag = fingerprint, run_id, tag
+        self.vocabulary_fingerprint = vocabulary_fingerprint
         dim = bank.embeddings.shape[1] if tag.emit_embedding else None
         self.schema = tags_schema(dim)
         self.meter = meter
@@ -190,21 +266,20 @@ class VideoTagger:
         errors = [e if isinstance(e, str) else None for e in batch["error"]]
         ok = np.array([e is None for e in errors], dtype=bool)
         rows = len(ok)
-        tags: list = [None] * rows
-        top_k: list = [None] * rows
-        embeddings = np.zeros((rows, self.label_embeddings.shape[1]), np.float32)
+        tags = top_k = pa.nulls(rows, TAG_LIST)
+        embeddings = np.zeros((rows, self.label_embeddings.shape[1]), np.float16)
         if ok.any():
             with torch.inference_mode():
                 with self._autocast():
                     video = self.model.encode_video(self._host_batch(batch["frames"], ok))
-                # Scores in float32: bf16 would blur probabilities near the threshold.
-                video = video[: int(ok.sum())].float()
+                # Scores in float32 (bf16 would blur probabilities near the threshold), from
+                # the embedding as stored.
+                video = as_stored(video[: int(ok.sum())].float())
                 probabilities = self.model.score(video, self.label_embeddings)
             ranked = rank_tags(
                 probabilities.cpu().numpy(), self.labels, self.tag.threshold, self.tag.top_k
             )
-            for i, (above, top) in zip(np.flatnonzero(ok), ranked, strict=True):
-                tags[i], top_k[i] = above, top
+            tags, top_k = (_scatter(column, ok) for column in ranked)
             embeddings[ok] = video.cpu().numpy()
         columns = {
             "video_id": batch["video_id"].tolist(),
@@ -215,6 +290,9 @@ class VideoTagger:
             "duration_s": _where(ok, batch["duration_s"], float),
             "error": errors,
             "model_fingerprint": [self.fingerprint] * rows,
+            "vocabulary_fingerprint": [self.vocabulary_fingerprint] * rows,
+            "source_size": _optional(batch["source_size"], int),
+            "source_mtime": _optional(batch["source_mtime"], str),
             "run_id": [self.run_id] * rows,
         }
         if "embedding" in self.schema.names:
@@ -225,39 +303,158 @@ class VideoTagger:
         return pa.table({name: columns[name] for name in self.schema.names}, schema=self.schema)
 
 
+def _scatter(values: pa.Array, ok: np.ndarray) -> pa.Array:
+    """`values` (one per ok row) spread over all rows, null where not ok."""
+    position = np.where(ok, np.cumsum(ok) - 1, len(values))
+    padded = pa.concat_arrays([values, pa.nulls(1, values.type)])
+    return padded.take(pa.array(position, pa.int64()))
+
+
 def _where(ok: np.ndarray, values: np.ndarray, kind: type) -> list:
     """`values` as Python numbers where ok, None elsewhere (error rows carry no video meta)."""
     return [kind(v) if k else None for v, k in zip(values, ok, strict=True)]
+
+
+def _optional(values: np.ndarray, kind: type) -> list:
+    """A nullable column of a numpy batch as Python values (nulls arrive as None or NaN)."""
+    return [
+        None if v is None or (isinstance(v, float) and np.isnan(v)) else kind(v) for v in values
+    ]
+
+
+@dataclass
+class Pending:
+    """What a run does with the videos of its manifest."""
+
+    encode: pa.Table  # manifest rows (video_id, uri, source_size, source_mtime) to decode + encode
+    rescore: list[str]  # video_ids whose stored embedding gets this run's vocabulary
+    skipped: int  # unchanged: same file, model and vocabulary (or an error row not retried)
 
 
 def pending_videos(
     manifest: pa.Table,
     current: pa.Table | None,
     fingerprint: str,
+    vocabulary: str,
     *,
     retry_errors: bool = True,
-) -> pa.Table:
-    """Manifest rows that still need tagging by the model with `fingerprint`.
+) -> Pending:
+    """Sort the manifest's videos by what they need from the model with `fingerprint` and the
+    vocabulary with fingerprint `vocabulary`.
 
-    `current` holds the output's current rows (INDEX_COLUMNS). A video is done when its current
-    row has the same uri and fingerprint and no error (or any error, with retry_errors off).
+    `manifest` has video_id, uri, source_size, source_mtime; `current` the output's current
+    rows (INDEX_COLUMNS). A video is encoded when it has no current row, an error row (with
+    retry_errors), another model's row, or a row for another file (uri, size or mtime differ,
+    or unknown: rows of older versions). Otherwise it is re-scored when its vocabulary differs,
+    and skipped when not.
     """
-    if current is None or current.num_rows == 0:
-        return manifest
-    done = {
-        (vid, uri)
-        for vid, uri, error, fp in zip(
-            current["video_id"].to_pylist(),
-            current["uri"].to_pylist(),
-            current["error"].to_pylist(),
-            current["model_fingerprint"].to_pylist(),
-            strict=True,
-        )
-        if fp == fingerprint and (error is None or not retry_errors)
+    stored = {}
+    if current is not None:
+        for row in current.to_pylist():
+            stored[row["video_id"]] = row
+    encode, rescore = [], []
+    for i, video in enumerate(manifest.select(["video_id", *SOURCE_COLUMNS]).to_pylist()):
+        row = stored.get(video["video_id"])
+        if row is not None and row["error"] is not None:
+            need = "encode" if retry_errors else "skip"
+        elif row is None or row["model_fingerprint"] != fingerprint or not _same_file(row, video):
+            need = "encode"
+        else:
+            need = "skip" if row["vocabulary_fingerprint"] == vocabulary else "rescore"
+        if need == "encode":
+            encode.append(i)
+        elif need == "rescore":
+            rescore.append(video["video_id"])
+    return Pending(
+        manifest.take(pa.array(encode, pa.int64())),
+        rescore,
+        manifest.num_rows - len(encode) - len(rescore),
+    )
+
+
+SOURCE_COLUMNS = ["uri", "source_size", "source_mtime"]
+
+
+def _same_file(row: dict, video: dict) -> bool:
+    known = row["source_size"] is not None and video["source_size"] is not None
+    return known and all(row[c] == video[c] for c in SOURCE_COLUMNS)
+
+
+def stored_rows(
+    out: str, video_ids: list[str], filesystems: Filesystems | None = None
+) -> tuple[pa.Table, list[str]]:
+    """(current rows of `video_ids` that hold an embedding, ids of those that do not: written
+    with tag.emit_embedding off, so they must be encoded again)."""
+    current = read_tags(out, filesystems=filesystems)
+    wanted = current.filter(pc.is_in(current["video_id"], pa.array(video_ids, pa.string())))
+    if "embedding" not in wanted.column_names:
+        return wanted.slice(0, 0), wanted["video_id"].to_pylist()
+    has = pc.is_valid(wanted["embedding"])
+    return wanted.filter(has), wanted.filter(pc.invert(has))["video_id"].to_pylist()
+
+
+def rescore_batch(
+    batch: pa.Table,
+    *,
+    labels: pa.Array,
+    label_embeddings: np.ndarray,
+    head: ScoreHead,
+    vocabulary_fingerprint: str,
+    run_id: str,
+    tag: TagConfig,
+    schema: pa.Schema,
+) -> pa.Table:
+    """Stored rows with new tags, top_k, vocabulary_fingerprint and run_id: a matrix product
+    with the label bank, no video decoded. Everything else (embedding, num_frames, source_*)
+    is carried over."""
+    dim = label_embeddings.shape[1]
+    stored = batch["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    video = torch.from_numpy(stored.astype(np.float32).reshape(-1, dim))
+    with torch.inference_mode():
+        probabilities = head.score(video, torch.from_numpy(label_embeddings)).numpy()
+    tags, top_k = rank_tags(probabilities, labels, tag.threshold, tag.top_k)
+    rows = batch.num_rows
+    new = {
+        "tags": tags,
+        "top_k": top_k,
+        "vocabulary_fingerprint": pa.array([vocabulary_fingerprint] * rows, pa.string()),
+        "run_id": pa.array([run_id] * rows, pa.string()),
     }
-    keys = zip(manifest["video_id"].to_pylist(), manifest["uri"].to_pylist(), strict=True)
-    keep = [i for i, key in enumerate(keys) if key not in done]
-    return manifest.take(pa.array(keep, pa.int64()))
+    columns = [new[name] if name in new else batch[name] for name in schema.names]
+    return pa.Table.from_arrays(columns, names=schema.names).cast(schema)
+
+
+def build_rescore_plan(
+    rows: pa.Table,
+    bank: LabelBank,
+    head: ScoreHead,
+    *,
+    vocabulary_fingerprint: str,
+    run_id: str,
+    tag: TagConfig,
+    schema: pa.Schema,
+) -> ray.data.Dataset:
+    """The lazy Dataset of re-scored tag rows for stored `rows` (CPU tasks, no actors: the
+    work is a [B, D] x [D, L] product per batch)."""
+    return (
+        ray.data.from_arrow(rows)
+        .repartition(target_num_rows_per_block=tag.rescore_batch_size)
+        .map_batches(
+            rescore_batch,
+            fn_kwargs={
+                "labels": pa.array(bank.labels, pa.string()),
+                "label_embeddings": np.ascontiguousarray(bank.embeddings, np.float32),
+                "head": head,
+                "vocabulary_fingerprint": vocabulary_fingerprint,
+                "run_id": run_id,
+                "tag": tag,
+                "schema": schema,
+            },
+            batch_size=tag.rescore_batch_size,
+            batch_format="pyarrow",
+            udf_modifying_row_count=False,
+        )
+    )
 
 
 def encode_num_gpus(tag: TagConfig) -> float:
@@ -274,16 +471,17 @@ def build_plan(
     bank: LabelBank,
     *,
     fingerprint: str,
+    vocabulary_fingerprint: str,
     run_id: str,
     image_size: int,
     filesystems: Filesystems | None = None,
     meter: ray.actor.ActorHandle | None = None,
 ) -> ray.data.Dataset:
-    """The lazy Dataset of tag rows for `pending` (video_id, uri); the encode actors report
-    their batches to `meter` (a `StageMeter`) when given."""
+    """The lazy Dataset of tag rows for `pending` (video_id, uri, source_size, source_mtime);
+    the encode actors report their batches to `meter` (a `StageMeter`) when given."""
     tag = cfg.tag
     decoded = (
-        ray.data.from_arrow(pending.select(["video_id", "uri"]))
+        ray.data.from_arrow(pending.select(["video_id", *SOURCE_COLUMNS]))
         # One decode task per encode batch: enough tasks to keep every CPU busy.
         .repartition(target_num_rows_per_block=tag.batch_size)
         .map(
@@ -308,6 +506,7 @@ def build_plan(
             "source": source,
             "bank": bank,
             "fingerprint": fingerprint,
+            "vocabulary_fingerprint": vocabulary_fingerprint,
             "run_id": run_id,
             "tag": tag,
             "meter": meter,
@@ -331,13 +530,15 @@ class TagSummary:
     ok: int = 0
     errored: int = 0
     skipped: int = 0
+    rescored: int = 0
     seconds: float = 0.0
     parts: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (video_id, error), a sample
-    stages: StageReport | None = None  # per-stage throughput of this run
+    stages: StageReport | None = None  # per-stage throughput of the decode + encode plan
 
     @property
     def processed(self) -> int:
+        """Videos decoded and encoded (or failed) by this run; re-scored ones are not."""
         return self.ok + self.errored
 
     @property
@@ -346,14 +547,16 @@ class TagSummary:
 
     def exit_code(self) -> int:
         """1 when every video of the manifest failed: none tagged now, none tagged before."""
-        return EXIT_ALL_FAILED if self.errored and not self.ok and not self.skipped else EXIT_OK
+        done = self.ok or self.skipped or self.rescored
+        return EXIT_ALL_FAILED if self.errored and not done else EXIT_OK
 
     def format(self) -> str:
         lines = [
             f"tags: {self.out} (run {self.run_id}, model {self.model_fingerprint})",
             f"  ok        {self.ok}",
             f"  errored   {self.errored}",
-            f"  skipped   {self.skipped} (already tagged by this model)",
+            f"  skipped   {self.skipped} (unchanged: same file, model and vocabulary)",
+            f"  rescored  {self.rescored} (new vocabulary, from stored embeddings: no decode)",
             f"  videos/s  {self.videos_per_s:.2f} ({self.processed} in {self.seconds:.1f} s)",
         ]
         lines += self.stages.format_lines() if self.stages else []
@@ -367,14 +570,22 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the driver learns from one model load; the actors then build their own copy."""
+
+    fingerprint: str
+    bank: LabelBank
+    image_size: int
+    head: ScoreHead
+
+
 def load_model_facts(
     source: ModelSource,
     labels: str | None,
     label_bank: str | None,
     filesystems: Filesystems | None,
-) -> tuple[str, LabelBank, int]:
-    """(fingerprint, label bank, frame size) from one model load in the driver; the actors
-    then build their own copy."""
+) -> ModelFacts:
     if source.checkpoint is None:
         logger.warning(
             "no --checkpoint: the model is UNTRAINED (random weights from model config %r); "
@@ -387,7 +598,7 @@ def load_model_facts(
         bank = label_bank_from_vocabulary(model, labels)
     else:
         bank = label_bank_from_file(label_bank, fingerprint, filesystems)
-    return fingerprint, bank, model.image_size
+    return ModelFacts(fingerprint, bank, model.image_size, ScoreHead.of(model))
 
 
 def run_tagging(
@@ -401,73 +612,122 @@ def run_tagging(
     full: bool = False,
     filesystems: Filesystems | None = None,
 ) -> TagSummary:
-    """Tag every video of `manifest` not yet tagged in `out` (all of them with `full`)."""
+    """Bring `out` up to date with `manifest`, the model and the vocabulary: encode new or
+    changed videos (all of them with `full`), re-score stored embeddings whose vocabulary
+    changed, skip the rest. Afterwards every current row is scored against this vocabulary."""
     if (labels is None) == (label_bank is None):
         raise ConfigError("--labels / --label-bank: give exactly one")
-    table = read_manifest(
-        manifest, allowed_schemes=cfg.tag.allowed_schemes, filesystems=filesystems
+    tag = cfg.tag
+    table = read_manifest(manifest, allowed_schemes=tag.allowed_schemes, filesystems=filesystems)
+    stats = source_stats(
+        table["uri"].to_pylist(), allowed_schemes=tag.allowed_schemes, filesystems=filesystems
+    )
+    table = (
+        table.select(["video_id", "uri"])
+        .append_column("source_size", stats["source_size"])
+        .append_column("source_mtime", stats["source_mtime"])
     )
     source = ModelSource(cfg.model, checkpoint, filesystems)
-    fingerprint, bank, image_size = load_model_facts(source, labels, label_bank, filesystems)
+    facts = load_model_facts(source, labels, label_bank, filesystems)
+    bank = facts.bank
+    vocabulary = vocabulary_fingerprint(bank.labels, facts.fingerprint, tag.threshold, tag.top_k)
 
     current = None if full else read_tags(out, columns=INDEX_COLUMNS, filesystems=filesystems)
-    pending = pending_videos(table, current, fingerprint, retry_errors=cfg.tag.retry_errors)
-    summary = TagSummary(out, new_run_id(), fingerprint, skipped=table.num_rows - pending.num_rows)
+    pending = pending_videos(
+        table, current, facts.fingerprint, vocabulary, retry_errors=tag.retry_errors
+    )
+    rescore, unscorable = (
+        stored_rows(out, pending.rescore, filesystems) if pending.rescore else (None, [])
+    )
+    encode = pa.concat_tables(
+        [
+            pending.encode,
+            table.filter(pc.is_in(table["video_id"], pa.array(unscorable, pa.string()))),
+        ]
+    )
+    summary = TagSummary(out, new_run_id(), facts.fingerprint, skipped=pending.skipped)
     logger.info(
-        "%d videos in %s: %d to tag, %d already tagged; %d labels; writing part files of run %s "
-        "to %s",
+        "%d videos in %s: %d to encode, %d to re-score from stored embeddings (%d without one: "
+        "encoded), %d unchanged; %d labels; writing part files of run %s to %s",
         table.num_rows,
         manifest,
-        pending.num_rows,
+        encode.num_rows,
+        len(pending.rescore),
+        len(unscorable),
         summary.skipped,
         len(bank.labels),
         summary.run_id,
         out,
     )
-    if pending.num_rows == 0:
+    if encode.num_rows == 0 and (rescore is None or rescore.num_rows == 0):
         return summary
 
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS (`ray job submit`) or a local instance
-    meter = StageMeter.remote()
-    plan = build_plan(
-        pending,
-        cfg,
-        source,
-        bank,
-        fingerprint=fingerprint,
-        run_id=summary.run_id,
-        image_size=image_size,
-        filesystems=filesystems,
-        meter=meter,
-    )
-    sink = PartFileDatasink(
-        out,
-        summary.run_id,
-        tags_schema(bank.embeddings.shape[1] if cfg.tag.emit_embedding else None),
-        rows_per_file=cfg.tag.rows_per_file,
-        filesystems=filesystems,
-    )
+    schema = tags_schema(bank.embeddings.shape[1] if tag.emit_embedding else None)
     started = time.perf_counter()
-    plan.write_datasink(sink)
+    if rescore is not None and rescore.num_rows:
+        plan = build_rescore_plan(
+            rescore,
+            bank,
+            facts.head,
+            vocabulary_fingerprint=vocabulary,
+            run_id=summary.run_id,
+            tag=tag,
+            schema=schema,
+        )
+        summary.rescored = _write(plan, summary, schema, tag, filesystems).num_rows
+    if encode.num_rows:
+        meter = StageMeter.remote()
+        encode_started = time.perf_counter()
+        plan = build_plan(
+            encode,
+            cfg,
+            source,
+            bank,
+            fingerprint=facts.fingerprint,
+            vocabulary_fingerprint=vocabulary,
+            run_id=summary.run_id,
+            image_size=facts.image_size,
+            filesystems=filesystems,
+            meter=meter,
+        )
+        written = _write(plan, summary, schema, tag, filesystems)
+        slots = decode_slots(tag.decode_num_cpus, tag.encode_actors, tag.encode_num_cpus)
+        wall = time.perf_counter() - encode_started
+        summary.stages = stage_report(meter, wall, slots, tag.encode_actors)
+        _count_encoded(summary, written)
     summary.seconds = time.perf_counter() - started
-    tag = cfg.tag
-    slots = decode_slots(tag.decode_num_cpus, tag.encode_actors, tag.encode_num_cpus)
-    summary.stages = stage_report(meter, summary.seconds, slots, tag.encode_actors)
-    _count_written(summary, sink.written, filesystems)
     logger.info("wrote %d part files to %s", len(summary.parts), out)
-    if summary.processed != pending.num_rows:
-        logger.error("%d videos to tag, but %d rows written", pending.num_rows, summary.processed)
+    if summary.processed != encode.num_rows:
+        logger.error("%d videos to encode, but %d rows written", encode.num_rows, summary.processed)
     return summary
 
 
-def _count_written(summary: TagSummary, parts: list[str], filesystems: Filesystems | None):
-    """ok / errored from what this run committed, not from what it meant to write."""
-    summary.parts = parts
+def _write(
+    plan: ray.data.Dataset,
+    summary: TagSummary,
+    schema: pa.Schema,
+    tag: TagConfig,
+    filesystems: Filesystems | None,
+) -> pa.Table:
+    """Run `plan` into part files of this run; (video_id, error) of the rows committed."""
+    sink = PartFileDatasink(
+        summary.out,
+        summary.run_id,
+        schema,
+        rows_per_file=tag.rows_per_file,
+        filesystems=filesystems,
+    )
+    plan.write_datasink(sink)
+    summary.parts += sink.written
     fs, _ = resolve(summary.out, filesystems)
-    written = read_parts(fs, parts, ["video_id", "error"])
-    if written is None:
-        return
+    written = read_parts(fs, sink.written, ["video_id", "error"])
+    return written if written is not None else pa.table({"video_id": [], "error": []})
+
+
+def _count_encoded(summary: TagSummary, written: pa.Table) -> None:
+    """ok / errored from what the encode plan committed, not from what it meant to write."""
     errors = written["error"].to_pylist()
     summary.errored = sum(e is not None for e in errors)
     summary.ok = len(errors) - summary.errored
@@ -478,8 +738,9 @@ def _count_written(summary: TagSummary, parts: list[str], filesystems: Filesyste
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = job_parser(
         "ovml tag",
-        "Tag videos with any vocabulary: manifest in, Parquet tags out "
-        "(incremental: videos already tagged by the same model are skipped).",
+        "Tag videos with any vocabulary: manifest in, Parquet tags out (incremental: new or "
+        "changed videos are encoded, a changed vocabulary is re-scored from stored embeddings, "
+        "the rest is skipped).",
         "tag.threshold=0.3",
     )
     parser.add_argument(
@@ -495,7 +756,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--checkpoint",
         help="trained checkpoint directory, local, s3:// or gs:// (default: untrained)",
     )
-    parser.add_argument("--full", action="store_true", help="re-tag every video")
+    parser.add_argument("--full", action="store_true", help="decode and encode every video again")
     return parser.parse_args(argv)
 
 

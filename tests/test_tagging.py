@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from ovml_core.video import sample_frames
 from pipeline.decode import decode_video
 from pipeline.parquet_io import (
     INDEX_COLUMNS,
+    TAG_LIST,
     label_bank_schema,
     latest_per_video,
     part_files,
@@ -32,7 +34,15 @@ from pipeline.parquet_io import (
     tags_schema,
     write_parquet_atomic,
 )
-from pipeline.tagging import TagSummary, main, pending_videos, rank_tags, run_tagging
+from pipeline.tagging import (
+    TagSummary,
+    as_stored,
+    main,
+    pending_videos,
+    rank_tags,
+    run_tagging,
+    vocabulary_fingerprint,
+)
 from tests.conftest import REPO, TINY_CONFIG
 from tests.videos import sample_clips, write_broken_files, write_indexed_video
 
@@ -46,49 +56,93 @@ OVERRIDES = ["model.init_bias=0.0", "tag.rows_per_file=4"]
 
 def test_rank_tags_thresholds_and_sorts():
     probs = np.array([[0.2, 0.9, 0.5, 0.7], [0.1, 0.1, 0.3, 0.0]], np.float32)
-    (tags0, top0), (tags1, top1) = rank_tags(probs, ["a", "b", "c", "d"], 0.5, 2)
+    tags, top = rank_tags(probs, ["a", "b", "c", "d"], 0.5, 2)
+    assert tags.type == top.type == TAG_LIST  # the type the tags file stores
+    (tags0, tags1), (top0, top1) = tags.to_pylist(), top.to_pylist()
     assert [t["label"] for t in tags0] == ["b", "d", "c"]  # >= threshold, highest first
     assert [t["label"] for t in top0] == ["b", "d"]
     assert tags1 == [] and [t["label"] for t in top1] == ["c", "a"]  # ties keep label order
     assert top0[0]["score"] == pytest.approx(0.9)
 
 
+def test_rank_tags_top_k_cut_among_equal_scores_keeps_label_order():
+    probs = np.array([[0.4, 0.6, 0.4, 0.4], [0.1, 0.2, 0.3, 0.4]], np.float32)
+    tags, top = rank_tags(probs, ["a", "b", "c", "d"], 0.5, 3)
+    assert [[t["label"] for t in row] for row in top.to_pylist()] == [
+        ["b", "a", "c"],  # three equal at the cut: the first two by label order
+        ["d", "c", "b"],
+    ]
+    assert [[t["label"] for t in row] for row in tags.to_pylist()] == [["b"], []]
+    _, every = rank_tags(probs, ["a", "b", "c", "d"], 0.5, 10)  # k above the label count
+    assert [len(row) for row in every.to_pylist()] == [4, 4]
+
+
 def test_exit_code_is_1_only_when_every_video_of_the_manifest_failed():
-    def code(ok, errored, skipped):
-        return TagSummary("out", "run", "fp", ok=ok, errored=errored, skipped=skipped).exit_code()
+    def code(ok, errored, skipped, rescored=0):
+        summary = TagSummary("out", "run", "fp", ok=ok, errored=errored, skipped=skipped)
+        summary.rescored = rescored
+        return summary.exit_code()
 
     assert code(0, 3, 0) == 1
     assert code(1, 3, 0) == code(0, 3, 2) == code(0, 0, 5) == code(0, 0, 0) == 0
+    assert code(0, 3, 0, rescored=2) == 0
 
 
 def _index(rows):
-    names = ["video_id", "uri", "error", "model_fingerprint", "run_id"]
+    """INDEX_COLUMNS rows: (video_id, uri, error, model, vocabulary, size, mtime, run_id)."""
+    return pa.table(dict(zip(INDEX_COLUMNS, zip(*rows, strict=True), strict=True)))
+
+
+def _index_manifest(rows):
+    """(video_id, uri, source_size, source_mtime) rows, as `run_tagging` builds them."""
+    names = ["video_id", "uri", "source_size", "source_mtime"]
     return pa.table(dict(zip(names, zip(*rows, strict=True), strict=True)))
 
 
-def test_pending_videos_skips_only_clean_rows_of_the_same_model_and_uri():
-    manifest = pa.table({"video_id": list("abcde"), "uri": ["a", "b", "c", "d", "moved-e"]})
-    current = _index(
+def test_pending_videos_sorts_videos_into_encode_rescore_and_skip():
+    t = "2026-01-01T00:00:00+00:00"
+    manifest = _index_manifest(
         [
-            ("a", "a", None, "fp", "r1"),  # done
-            ("b", "b", "boom", "fp", "r1"),  # error: retried
-            ("c", "c", None, "old", "r1"),  # another model: re-tagged
-            ("e", "e", None, "fp", "r1"),  # the video moved: re-tagged
+            ("a", "a", 10, t),
+            ("b", "b", 10, t),
+            ("c", "c", 10, t),
+            ("d", "d", 10, t),
+            ("e", "moved-e", 10, t),
+            ("f", "f", 10, t),
+            ("g", "g", 11, t),
+            ("h", "h", 10, "2026-02-01T00:00:00+00:00"),
+            ("i", "i", 10, t),
         ]
     )
-    pending = pending_videos(manifest, current, "fp")
-    assert pending["video_id"].to_pylist() == ["b", "c", "d", "e"]
-    no_retry = pending_videos(manifest, current, "fp", retry_errors=False)
-    assert no_retry["video_id"].to_pylist() == ["c", "d", "e"]
-    assert pending_videos(manifest, None, "fp").num_rows == 5
+    current = _index(
+        [
+            ("a", "a", None, "fp", "voc", 10, t, "r1"),  # unchanged: skipped
+            ("b", "b", "boom", "fp", "voc", None, None, "r1"),  # error: retried
+            ("c", "c", None, "old", "voc", 10, t, "r1"),  # another model: encoded
+            ("e", "e", None, "fp", "voc", 10, t, "r1"),  # the video moved: encoded
+            ("f", "f", None, "fp", "old-voc", 10, t, "r1"),  # new vocabulary: re-scored
+            ("g", "g", None, "fp", "old-voc", 10, t, "r1"),  # another size: encoded
+            ("h", "h", None, "fp", "voc", 10, t, "r1"),  # another mtime: encoded
+            ("i", "i", None, "fp", None, None, None, "r1"),  # an older version's row: encoded
+        ]
+    )
+    pending = pending_videos(manifest, current, "fp", "voc")
+    assert pending.encode["video_id"].to_pylist() == ["b", "c", "d", "e", "g", "h", "i"]
+    assert pending.encode.column_names == manifest.column_names
+    assert (pending.rescore, pending.skipped) == (["f"], 1)
+    no_retry = pending_videos(manifest, current, "fp", "voc", retry_errors=False)
+    assert no_retry.encode["video_id"].to_pylist() == ["c", "d", "e", "g", "h", "i"]
+    assert (no_retry.rescore, no_retry.skipped) == (["f"], 2)
+    fresh = pending_videos(manifest, None, "fp", "voc")
+    assert (fresh.encode.num_rows, fresh.rescore, fresh.skipped) == (9, [], 0)
 
 
 def test_latest_run_wins_per_video():
     table = _index(
         [
-            ("a", "a", "boom", "fp", "20260101T000000000000Z-aaaaaa"),
-            ("a", "a", None, "fp", "20260102T000000000000Z-bbbbbb"),
-            ("b", "b", None, "fp", "20260101T000000000000Z-aaaaaa"),
+            ("a", "a", "boom", "fp", "v", 1, "t", "20260101T000000000000Z-aaaaaa"),
+            ("a", "a", None, "fp", "v", 1, "t", "20260102T000000000000Z-bbbbbb"),
+            ("b", "b", None, "fp", "v", 1, "t", "20260101T000000000000Z-aaaaaa"),
         ]
     )
     latest = latest_per_video(table)
@@ -179,6 +233,10 @@ def videos(tmp_path_factory):
     return good, {f"broken-{k}": v for k, v in broken.items()}
 
 
+def iso_seconds(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
 def _manifest(path: Path, videos: dict) -> str:
     pq.write_table(
         pa.table({"video_id": list(videos), "uri": [str(v) for v in videos.values()]}), path
@@ -208,29 +266,39 @@ def test_every_video_yields_one_row_tagged_or_errored(first_run, videos, tiny_ta
     good, broken = videos
     assert (summary.ok, summary.errored, summary.skipped) == (len(good), len(broken), 0)
     tags = read_tags(str(out))
-    assert tags.schema.equals(tags_schema())
+    model, fingerprint = tiny_tagger
+    label_emb = model.encode_labels(LABELS)
+    # Embeddings are kept by default (float16), with what the tags mean and which file was read.
+    assert tags.schema.equals(tags_schema(label_emb.shape[1]))
     assert sorted(tags["video_id"].to_pylist()) == sorted(good | broken)  # rows in == rows out
     rows = {r["video_id"]: r for r in tags.to_pylist()}
-    model, fingerprint = tiny_tagger
+    vocabulary = vocabulary_fingerprint(LABELS, fingerprint, cfg.tag.threshold, cfg.tag.top_k)
     for video_id in good:
         row = rows[video_id]
         assert row["error"] is None and row["run_id"] == summary.run_id
         assert row["model_fingerprint"] == fingerprint
+        assert row["vocabulary_fingerprint"] == vocabulary
+        stat = os.stat(good[video_id])
+        assert row["source_size"] == stat.st_size
+        assert iso_seconds(row["source_mtime"]) == pytest.approx(stat.st_mtime, abs=1e-3)
+        assert np.linalg.norm(row["embedding"]) == pytest.approx(1.0, abs=1e-2)
         assert row["num_frames"] > 0 and row["duration_s"] > 0
         scores = [t["score"] for t in row["top_k"]]
         assert len(scores) == cfg.tag.top_k and scores == sorted(scores, reverse=True)
         assert all(t["score"] >= cfg.tag.threshold for t in row["tags"])
     for video_id in broken:
         assert rows[video_id]["error"] and rows[video_id]["tags"] is None, video_id
+        assert rows[video_id]["embedding"] is None, video_id
     assert "no video stream" in rows["broken-audio_only"]["error"]
     assert "file not found" in rows["broken-missing"]["error"]
 
     # The pipeline's scores are the model's: recompute two videos in-process.
-    label_emb = model.encode_labels(LABELS)
     for video_id in ("bikes", "synthetic-vp9"):
         frames, _ = sample_frames(good[video_id], model.num_frames, model.image_size, cfg.video)
         with torch.inference_mode():
-            probs = model.score(model.encode_video(frames[None]), label_emb)[0].numpy()
+            # scored from the embedding as the file stores it (float16), as a re-score is
+            video = as_stored(model.encode_video(frames[None]))
+            probs = model.score(video, label_emb)[0].numpy()
         expected = [(LABELS[j], probs[j]) for j in np.argsort(-probs) if probs[j] >= 0.5]
         got = [(t["label"], t["score"]) for t in rows[video_id]["tags"]]
         assert [g[0] for g in got] == [e[0] for e in expected], video_id
@@ -380,9 +448,8 @@ def test_s3_manifest_videos_and_output_through_a_local_s3_server(
     )
     pq.write_table(bank, tmp_path / "bank.parquet")
 
-    with_embeddings = Config.from_yaml(TINY_CONFIG, [*OVERRIDES, "tag.emit_embedding=true"])
     summary = run_tagging(
-        with_embeddings,
+        cfg,
         "s3://videos/nightly/manifest.csv",
         "s3://videos/tags",
         label_bank=str(tmp_path / "bank.parquet"),
