@@ -5,7 +5,7 @@
     encode:
       -> decode_video   (Ray tasks, tag.decode_num_cpus each)        uint8 [T, S, S, 3]
       -> VideoTagger    (actor pool; the model and label bank load once per actor,
-                         GPU + bf16 autocast when the cluster has GPUs; uint8 clips go
+                         GPU + bf16 autocast by tag.device; uint8 clips go
                          to the device from pinned memory and are preprocessed there)
     re-score:
       stored rows -> rescore_batch (Ray tasks: stored embedding x label bank, no decode)
@@ -57,6 +57,7 @@ from pipeline.parquet_io import (
     tags_schema,
 )
 from pipeline.remote_checkpoint import local_checkpoint
+from pipeline.resources import actor_device, gpus_per_actor
 from pipeline.stage_meter import (
     StageMeter,
     StageReport,
@@ -206,11 +207,12 @@ class VideoTagger:
         vocabulary_fingerprint: str,
         run_id: str,
         tag: TagConfig,
+        num_gpus: float = 0.0,
         meter: ray.actor.ActorHandle | None = None,
     ):
         # Ray sets OMP_NUM_THREADS per worker; torch's own pool is sized here, explicitly.
         torch.set_num_threads(tag.torch_threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = actor_device(num_gpus)
         self.model = source.load(self.device)
         actual = model_fingerprint(self.model)
         if actual != fingerprint:
@@ -457,13 +459,6 @@ def build_rescore_plan(
     )
 
 
-def encode_num_gpus(tag: TagConfig) -> float:
-    """tag.encode_num_gpus, or 1 when the cluster has GPUs right now and 0 otherwise."""
-    if tag.encode_num_gpus is not None:
-        return tag.encode_num_gpus
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-
-
 def build_plan(
     pending: pa.Table,
     cfg: Config,
@@ -500,9 +495,11 @@ def build_plan(
             max_calls=DECODE_TASKS_PER_WORKER,
         )
     )
+    num_gpus = gpus_per_actor(tag.device, tag.encode_num_gpus, "tag")
     return decoded.map_batches(
         VideoTagger,
         fn_constructor_kwargs={
+            "num_gpus": num_gpus,
             "source": source,
             "bank": bank,
             "fingerprint": fingerprint,
@@ -517,7 +514,7 @@ def build_plan(
         batch_size=tag.batch_size,
         batch_format="numpy",
         num_cpus=tag.encode_num_cpus,
-        num_gpus=encode_num_gpus(tag),
+        num_gpus=num_gpus,
         udf_modifying_row_count=False,
     )
 

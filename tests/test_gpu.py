@@ -92,7 +92,7 @@ def test_encode_actor_on_gpu_matches_the_fp32_cpu_model(compile):
     cpu_model = create_model(cfg.model)
     bank = LabelBank(LABELS, cpu_model.encode_labels(LABELS).detach().numpy())
     fingerprint = model_fingerprint(cpu_model)
-    tagger = VideoTagger(ModelSource(cfg.model), bank, fingerprint, "run", cfg.tag)
+    tagger = VideoTagger(ModelSource(cfg.model), bank, fingerprint, "vocab", "run", cfg.tag, 1.0)
     assert tagger.device == "cuda" and model_fingerprint(tagger.model) == fingerprint
     frames = _frames(3, cfg.model.num_frames, cpu_model.image_size).numpy()
     # 3 rows, one an error: a short batch of 2 valid clips (padded to 4 when compiled).
@@ -129,8 +129,8 @@ def test_tagging_pool_actors_hold_the_gpu(tmp_path):
     finally:
         ray.shutdown()
     assert summary.ok == 6 and summary.errored == 0
-    # tag.encode_num_gpus unset: one GPU per actor because the cluster has one; the actor
-    # reports the device it encoded on.
+    # tag.device auto: one GPU per actor because the cluster has one; the actor reports the
+    # device it encoded on.
     assert summary.stages.encode_device == "cuda"
     assert summary.stages.videos == 6
 
