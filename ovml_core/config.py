@@ -189,6 +189,9 @@ class TrainConfig:
     name: str = "ovml-train"
     num_workers: int = 1
     use_gpu: bool = False
+    # CPUs each training worker holds; decoding the training clips needs CPUs beside them, so
+    # a job whose workers would take every CPU of the cluster is refused at once.
+    worker_num_cpus: float = 1.0
     epochs: int = 1
     batch_size: int = 8  # clips per worker per step
     grad_accum: int = 1
@@ -216,6 +219,7 @@ class TrainConfig:
         for r in self.regularizers:
             _choice(f"{prefix}.regularizers", r, ("distill", "l2sp", "patch"))
         _positive(f"{prefix}.num_workers", self.num_workers)
+        _positive(f"{prefix}.worker_num_cpus", self.worker_num_cpus, allow_zero=True)
         _positive(f"{prefix}.epochs", self.epochs)
         _positive(f"{prefix}.batch_size", self.batch_size)
         _positive(f"{prefix}.grad_accum", self.grad_accum)

@@ -15,6 +15,8 @@ import logging
 import ray
 import torch
 
+from ovml_core.config import Config, ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -63,3 +65,22 @@ def actor_device(num_gpus: float) -> str:
             "it does not have"
         )
     return "cuda"
+
+
+def check_training_fits(cfg: Config) -> None:
+    """Refuse, before any worker starts, a training job whose workers would hold every CPU the
+    cluster can have: its decode tasks would never be scheduled and the job would wait forever
+    (Ray Data reports it only as backpressure)."""
+    train = cfg.train
+    cpus = max_cluster_resources().get("CPU", 0.0)
+    held = train.num_workers * train.worker_num_cpus
+    if held + cfg.tag.decode_num_cpus <= cpus:
+        return
+    room = max(cpus - cfg.tag.decode_num_cpus, 0.0) / train.num_workers
+    raise ConfigError(
+        f"train.num_workers={train.num_workers} x train.worker_num_cpus="
+        f"{train.worker_num_cpus:g} CPUs leave no room for decoding "
+        f"(tag.decode_num_cpus={cfg.tag.decode_num_cpus:g}) on this cluster, which has at most "
+        f"{cpus:g} CPUs: set train.worker_num_cpus to {room:g} or less, use fewer workers, "
+        "or add CPU nodes"
+    )

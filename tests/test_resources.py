@@ -82,3 +82,13 @@ def test_device_settings_are_checked(section, key, value):
 def test_zero_gpus_is_fine_on_cpu():
     cfg = Config.from_dict({"tag": {"device": "cpu", "encode_num_gpus": 0}})
     assert cfg.tag.device == "cpu"
+
+
+def test_training_that_would_leave_decoding_no_cpu_is_refused(cpu_cluster):
+    """The 1-CPU cluster: 2 workers of 1 CPU each would starve the decode tasks forever."""
+    from pipeline.resources import check_training_fits
+
+    cfg = Config.from_dict({"train": {"num_workers": 2}})
+    with pytest.raises(ConfigError, match=r"train.worker_num_cpus.*at most 1 CPUs.*0 or less"):
+        check_training_fits(cfg)
+    check_training_fits(Config.from_dict({"train": {"num_workers": 2, "worker_num_cpus": 0}}))
