@@ -169,3 +169,15 @@ def test_stage_report_names_the_slower_stage():
     assert "capacity 20.00 videos/s on 10 slots" in text and "bottleneck decode (CPU)" in text
     report.decode_slots = 40
     assert report.bottleneck == "encode"
+
+
+def test_plan_per_decode_mode_keyframe_needs_fewer_cores_for_long_videos():
+    from ovml_core.capacity import default_figures
+
+    cores = {}
+    for mode in ("auto", "keyframe"):
+        decode, encode = default_figures(mode, "H200", 0.4)
+        plan = plan_capacity(10**6, 8, 300, decode, encode, Node(1, 16), Node(0, 16))
+        cores[mode] = plan.cores_needed
+        assert ("bench_decode" in plan.decode_core_s.source) == (mode == "keyframe")
+    assert cores["keyframe"] < cores["auto"] / 4
