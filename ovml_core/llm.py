@@ -7,10 +7,16 @@ safetensors folder under `$OVML_CACHE` (default `~/.cache/ovml`), keyed by the f
 and written atomically, so concurrent processes never read a half-written folder.
 
 Generation is plain greedy decoding from `inputs_embeds` = prefix vectors + embedded prompt,
-left-padded, stopping at a stop token (EOS); every returned id list has exactly
-`max_new_tokens` ids, the positions after the first stop token filled with `stop_ids[0]`. Any
-other engine (vLLM) that decodes greedily from the same embeddings and pads the same way yields
-the same ids.
+stopping at a stop token (EOS); every returned id list has exactly `max_new_tokens` ids, the
+positions after the first stop token filled with `stop_ids[0]`. Any other engine (vLLM) that
+decodes greedily from the same embeddings yields the same ids.
+
+Every sequence of one call starts with the same prefix vectors and, in chat form, the same
+system prompt and instruction tokens: most of each row is shared. Both generation and the
+teacher-forced pass therefore run that shared head once, as one row, and only the rows' own
+tails (label, generated tokens) per distinct row, on top of the head's key/value cache; gradient
+reaches the prefix through that cache. This is the same computation as one left-padded batch
+of full rows (to float rounding), for a fraction of the work.
 """
 
 from __future__ import annotations
@@ -32,7 +38,6 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    GenerationConfig,
     GgufConfig,
     PreTrainedModel,
 )
@@ -59,11 +64,6 @@ class FrozenLLM(nn.Module):
         self.identifier = identifier
         self.hidden_size: int = model.config.hidden_size
         self.stop_ids = _stop_token_ids(model, tokenizer)
-        # Our own decoding rules only: a hub generation_config (sampling, repetition penalty)
-        # must not change what "greedy" means.
-        model.generation_config = GenerationConfig(
-            eos_token_id=self.stop_ids, pad_token_id=self.stop_ids[0]
-        )
 
     def train(self, mode: bool = True) -> FrozenLLM:
         return super().train(False)
@@ -110,15 +110,10 @@ class FrozenLLM(nn.Module):
         sequences = [
             p + list(g) for p, g in zip(self.prompt_ids(prompts), generated_ids, strict=True)
         ]
-        embeds, mask = self._left_padded(prefix, sequences)
-        hidden = self.model.base_model(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=_positions(mask),
-            use_cache=False,
-        ).last_hidden_state
-        # Left padding puts every row's generated tokens in the last M positions.
-        return hidden[:, -num_generated:]
+        distinct, rows = _distinct(sequences)
+        hidden, _, _ = self._forward_shared(prefix, distinct, min_tail=num_generated)
+        # Tails are left-padded: every row's generated tokens are its last M positions.
+        return hidden[rows, -num_generated:]
 
     def generate_text(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         """Plain greedy answers to the prompts (the `text` attribute baseline)."""
@@ -134,33 +129,91 @@ class FrozenLLM(nn.Module):
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not prompt_ids:
             return []
-        embeds, mask = self._left_padded(prefix.detach(), prompt_ids)
-        # With only inputs_embeds, generate() returns just the new tokens; finished rows are
-        # filled with pad_token_id (= EOS) and it stops early once every row is finished.
-        out = self.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-        )
+        distinct, rows = _distinct(prompt_ids)
+        hidden, cache, mask = self._forward_shared(prefix, distinct, min_tail=1, use_cache=True)
+        head = self.model.get_output_embeddings()
+        positions = mask.sum(-1, keepdim=True) - 1
         pad = self.stop_ids[0]
-        return [row + [pad] * (max_new_tokens - len(row)) for row in out.tolist()]
+        stop = torch.tensor(self.stop_ids, device=self.device)
+        done = torch.zeros(len(distinct), dtype=torch.bool, device=self.device)
+        out = []
+        for step in range(max_new_tokens):
+            # Finished rows get the pad id from then on (as generate() fills them).
+            token = head(hidden[:, -1]).argmax(-1).masked_fill(done, pad)
+            out.append(token)
+            done |= torch.isin(token, stop)
+            if done.all() or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(len(distinct), 1)], dim=1)
+            positions = positions + 1
+            hidden = self.model.base_model(
+                inputs_embeds=self.embed_tokens(token[:, None]),
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state
+        ids = torch.stack(out, dim=1).tolist()
+        return [ids[r] + [pad] * (max_new_tokens - len(ids[r])) for r in rows]
 
-    def _left_padded(
-        self, prefix: torch.Tensor, token_ids: list[list[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[pad..., prefix, tokens] embeddings per row, and the matching attention mask."""
+    def _forward_shared(
+        self,
+        prefix: torch.Tensor,
+        token_ids: list[list[int]],
+        min_tail: int,
+        use_cache: bool = False,
+    ):
+        """Last-layer states [B, T, d] of `prefix + tokens` per row, at the rows' left-padded
+        tails (at least `min_tail` tokens each), with the cache and attention mask when
+        `use_cache`. The tokens all rows begin with run once, as one row."""
         if prefix.ndim != 2 or prefix.shape[1] != self.hidden_size:
             raise ValueError(f"prefix must be [P, {self.hidden_size}], got {tuple(prefix.shape)}")
         prefix = prefix.to(self.device, torch.float32)
+        shared = _common_length(token_ids, keep=min_tail)
+        shared_ids = torch.tensor(token_ids[0][:shared], dtype=torch.long)
+        head = torch.cat([prefix, self.embed_tokens(shared_ids)])
+        cache = None
+        if len(head):
+            cache = self.model.base_model(inputs_embeds=head[None], use_cache=True).cache
+            cache.batch_repeat_interleave(len(token_ids))
+        tails, tail_mask = self._left_padded([ids[shared:] for ids in token_ids])
+        mask = torch.cat([tail_mask.new_ones(len(token_ids), len(head)), tail_mask], dim=1)
+        out = self.model.base_model(
+            inputs_embeds=tails,
+            attention_mask=mask,
+            position_ids=_positions(mask)[:, len(head) :],
+            cache=cache,
+            use_cache=use_cache,
+        )
+        return out.last_hidden_state, out.cache, mask
+
+    def _left_padded(self, token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[pad..., tokens] embeddings per row, and the matching attention mask."""
         width = max(len(ids) for ids in token_ids)
         rows, masks = [], []
         for ids in token_ids:
             pad = width - len(ids)
             tokens = self.embed_tokens(torch.tensor(ids, dtype=torch.long))
-            rows.append(torch.cat([prefix.new_zeros(pad, self.hidden_size), prefix, tokens]))
-            masks.append([0] * pad + [1] * (len(prefix) + len(ids)))
+            rows.append(torch.cat([tokens.new_zeros(pad, self.hidden_size), tokens]))
+            masks.append([0] * pad + [1] * len(ids))
         return torch.stack(rows), torch.tensor(masks, device=self.device)
+
+
+def _distinct(rows: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """The distinct rows (first-seen order) and, per input row, its index among them: the
+    LLM runs once per distinct row."""
+    index: dict[tuple[int, ...], int] = {}
+    positions = [index.setdefault(tuple(row), len(index)) for row in rows]
+    return [list(row) for row in index], positions
+
+
+def _common_length(rows: list[list[int]], keep: int) -> int:
+    """How many leading tokens every row shares, leaving each row at least `keep` of its own."""
+    limit = min(len(row) for row in rows) - keep
+    length = 0
+    while length < limit and all(row[length] == rows[0][length] for row in rows):
+        length += 1
+    return max(length, 0)
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

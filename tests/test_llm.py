@@ -150,6 +150,70 @@ def test_hidden_states_reject_mismatched_inputs(tiny, prefix):
         tiny.generate_attribute_ids(torch.zeros(4, 64), PROMPTS[:1], 3)
 
 
+def _reference_ids(llm: FrozenLLM, prefix, prompts, max_new_tokens) -> list[list[int]]:
+    """Greedy decoding the plain way: one prompt at a time, the whole sequence recomputed for
+    every token, no cache, no padding."""
+    rows = []
+    for ids in llm.prompt_ids(prompts):
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            if any(t in llm.stop_ids for t in new):
+                new.append(llm.stop_ids[0])
+                continue
+            x = torch.cat([prefix, llm.embed_tokens(torch.tensor(ids + new))])
+            new.append(int(llm.model(inputs_embeds=x[None]).logits[0, -1].argmax()))
+        rows.append(new)
+    return rows
+
+
+def _reference_hidden(llm: FrozenLLM, prefix, prompts, generated) -> torch.Tensor:
+    """Last-layer states at the generated positions, one full sequence at a time."""
+    states = []
+    for ids, gen in zip(llm.prompt_ids(prompts), generated, strict=True):
+        x = torch.cat([prefix, llm.embed_tokens(torch.tensor(ids + gen))])
+        states.append(llm.model.base_model(inputs_embeds=x[None]).last_hidden_state[0, -len(gen) :])
+    return torch.stack(states)
+
+
+def test_shared_head_path_equals_the_plain_computation(tiny, prefix):
+    """Ids, hidden states, a loss on them and its gradient to the prefix are those of running
+    every prompt alone and in full; a repeated prompt runs once, the shared head once."""
+    prompts = [*PROMPTS, PROMPTS[2]]
+    with torch.inference_mode():
+        expected_ids = _reference_ids(tiny, prefix, prompts, 6)
+    assert tiny.generate_attribute_ids(prefix, prompts, 6) == expected_ids
+    assert len({tuple(ids) for ids in expected_ids}) > 1
+
+    weights = torch.randn(
+        len(prompts), 6, tiny.hidden_size, generator=torch.Generator().manual_seed(1)
+    )
+    shapes = []
+    hook = tiny.model.base_model.layers[0].register_forward_pre_hook(
+        lambda _, args, kwargs: shapes.append(
+            tuple((args or [kwargs["hidden_states"]])[0].shape[:2])
+        ),
+        with_kwargs=True,
+    )
+    try:
+        learned = nn.Parameter(prefix.clone())
+        hidden = tiny.generated_hidden_states(learned, prompts, expected_ids)
+    finally:
+        hook.remove()
+    reference_prefix = nn.Parameter(prefix.clone())
+    reference = _reference_hidden(tiny, reference_prefix, prompts, expected_ids)
+    torch.testing.assert_close(hidden, reference, atol=1e-5, rtol=1e-4)
+    loss, reference_loss = (hidden * weights).sum(), (reference * weights).sum()
+    torch.testing.assert_close(loss, reference_loss, atol=1e-4, rtol=1e-5)
+    loss.backward()
+    reference_loss.backward()
+    torch.testing.assert_close(learned.grad, reference_prefix.grad, atol=1e-5, rtol=1e-4)
+    # The head as one row, then the 3 distinct tails; head + tail = the longest full row.
+    full = max(len(p) + 6 for p in tiny.prompt_ids(prompts)) + len(prefix)
+    (head, tails) = shapes
+    assert head[0] == 1 and tails[0] == 3 and head[1] + tails[1] == full
+    assert head[1] > len(prefix)  # the chat template's tokens are shared too
+
+
 def test_local_folder_loads_the_same_model(tiny, tmp_path):
     tiny.model.save_pretrained(tmp_path, safe_serialization=True)
     tiny.tokenizer.save_pretrained(tmp_path)
