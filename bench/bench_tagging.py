@@ -51,8 +51,8 @@ class ClipDataset(Dataset):
 def top_labels(model, frames: np.ndarray, label_emb: torch.Tensor, cfg: Config) -> list[str]:
     with torch.inference_mode():
         probs = model.score(model.encode_video(torch.from_numpy(frames)), label_emb)
-    ranked = rank_tags(probs.numpy(), LABELS, cfg.tag.threshold, cfg.tag.top_k)
-    return [top[0]["label"] for _, top in ranked]
+    _, top_k = rank_tags(probs.numpy(), LABELS, cfg.tag.threshold, cfg.tag.top_k)
+    return [top[0]["label"] for top in top_k.to_pylist()]
 
 
 def plain_loop(cfg: Config, uris: list[str]) -> list[str]:

@@ -68,7 +68,7 @@ STAT_THREADS = 32  # concurrent metadata calls to object stores (each one a roun
 STAT_CHUNK = 256  # paths per get_file_info call
 
 # scheme -> filesystem to use instead of pyarrow's default for that scheme (e.g. an
-# S3FileSystem with an endpoint override). Filesystems pickle, so Ray tasks can receive them.
+# S3FileSystem with an endpoint override; "file" for local paths too). Filesystems pickle, so Ray tasks can receive them.
 Filesystems = Mapping[str, pafs.FileSystem]
 
 
@@ -93,7 +93,8 @@ def resolve(uri: str, filesystems: Filesystems | None = None) -> tuple[pafs.File
     scheme = uri_scheme(uri)
     if scheme == "file":
         path = urlsplit(uri).path if "://" in uri else uri
-        return pafs.LocalFileSystem(), os.path.abspath(path)
+        local = (filesystems or {}).get("file") or pafs.LocalFileSystem()
+        return local, os.path.abspath(path)
     parts = urlsplit(uri)
     if filesystems and scheme in filesystems:
         return filesystems[scheme], parts.netloc + parts.path

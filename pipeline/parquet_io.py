@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data import Datasink
@@ -156,13 +157,18 @@ def read_parts(
 ) -> pa.Table | None:
     """The rows of `paths`. Columns a file predates (e.g. `vocabulary_fingerprint` in files
     of older versions) come back null, so old and new files read as one table."""
-    tables = []
-    for path in paths:
-        with fs.open_input_file(path) as f:
-            parquet = pq.ParquetFile(f)
-            names = parquet.schema_arrow.names
-            present = None if columns is None else [c for c in columns if c in names]
-            tables.append(_stored_embedding_type(parquet.read(columns=present)))
+    return _combine([_read_part(fs, path, columns) for path in paths], columns)
+
+
+def _read_part(fs: pafs.FileSystem, path: str, columns: list[str] | None) -> pa.Table:
+    with fs.open_input_file(path) as f:
+        parquet = pq.ParquetFile(f)
+        names = parquet.schema_arrow.names
+        present = None if columns is None else [c for c in columns if c in names]
+        return _stored_embedding_type(parquet.read(columns=present))
+
+
+def _combine(tables: list[pa.Table], columns: list[str] | None) -> pa.Table | None:
     if not tables:
         return None
     table = pa.concat_tables(tables, promote_options="permissive")
@@ -188,32 +194,54 @@ def read_tags(
     out: str, *, columns: list[str] | None = None, filesystems: Filesystems | None = None
 ) -> pa.Table | None:
     """The current tags of an output directory: exactly one row per video_id, from its latest
-    run. None when the directory holds no part files yet. A part file that vanishes between
-    listing and reading (a compaction replaced it by its snapshot) makes it list again."""
+    run. None when the directory holds no part files yet."""
     fs, directory = resolve(out, filesystems)
     needed = None if columns is None else list(dict.fromkeys([*columns, "video_id", "run_id"]))
-    for attempt in range(READ_ATTEMPTS):
-        paths = part_files(fs, directory)
-        try:
-            table = read_parts(fs, paths, needed)
-            break
-        except OSError:
-            vanished = any(fs.get_file_info(p).type == pafs.FileType.NotFound for p in paths)
-            if not vanished or attempt == READ_ATTEMPTS - 1:
-                raise
+    table = _combine(_read_current_parts(fs, directory, needed), needed)
     if table is None:
         return None
     table = latest_per_video(table)
     return table if columns is None else table.select(columns)
 
 
+def _read_current_parts(
+    fs: pafs.FileSystem, directory: str, columns: list[str] | None
+) -> list[pa.Table]:
+    """The tables of every part file, safe against a concurrent compaction.
+
+    A compaction writes its snapshot before it deletes the parts the snapshot holds, so a part
+    that vanishes after listing is covered by a file the next listing shows. Files already
+    read are kept (their rows are the snapshot's or older ones, which `latest_per_video`
+    drops); each listing only reads files not read yet, so a reader never chases a deleter."""
+    read: dict[str, pa.Table] = {}
+    for _ in range(READ_ATTEMPTS):
+        vanished = False
+        for path in part_files(fs, directory):
+            if path in read:
+                continue
+            try:
+                read[path] = _read_part(fs, path, columns)
+            except OSError:
+                if fs.get_file_info(path).type != pafs.FileType.NotFound:
+                    raise
+                vanished = True
+        if not vanished:
+            return list(read.values())
+    raise OSError(
+        f"{directory}: part files kept vanishing while being read "
+        f"({READ_ATTEMPTS} listings); are several compactions running at once?"
+    )
+
+
 def latest_per_video(table: pa.Table) -> pa.Table:
     """Keep, for each video_id, the row with the greatest run_id. Rows of one video with the
     same run_id are copies (a snapshot beside the parts it replaces), so any one will do."""
     order = table.sort_by([("video_id", "ascending"), ("run_id", "descending")])
-    ids = order["video_id"].to_pylist()
-    first = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
-    return order.take(pa.array(first, pa.int64()))
+    ids = order["video_id"].combine_chunks()
+    if len(ids) == 0:
+        return order
+    changed = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))
+    return order.filter(pa.concat_arrays([pa.array([True]), changed]))
 
 
 def read_label_bank(
