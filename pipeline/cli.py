@@ -12,6 +12,7 @@ COMMANDS = {
     "tag": ("pipeline.tagging", "tag videos with any vocabulary (jobs/tag.py)"),
     "labels": ("pipeline.label_bank", "build or update a label bank (jobs/build_label_bank.py)"),
     "train": ("pipeline.training", "fine-tune with Ray Train, resumable (jobs/train.py)"),
+    "compact": ("pipeline.compaction", "fold a tags folder into one snapshot, atomically"),
     "eval": ("pipeline.evaluation", "mAP, ECE and an HTML report of a run (jobs/evaluate.py)"),
     "plan": ("ovml_core.capacity", "nodes and cost for N videos a night (docs/scaling.md)"),
     "search": (
