@@ -4,11 +4,21 @@ Soft attributes (the method): a frozen LLM reads `[P learned prefix vectors] + t
 + label)` and greedily writes M attribute tokens. One teacher-forced forward gives the hidden
 states of those M positions (they carry gradient to the prefix); a small prompting transformer
 maps them to M soft tokens in the CLIP text width, which the CLIP text encoder reads before the
-label tokens. Token choice has no gradient, so generated ids are cached per label and only
-regenerated on an explicit `refresh()` (training refreshes every R steps).
+label tokens. Token choice has no gradient, so the ids are generated from a snapshot of the
+prefix, the *generation prefix*, which moves only on `regenerate()` (training does so every
+`train.attribute_refresh_steps`); the teacher-forced pass reads the current prefix.
+
+What the LLM wrote per label lives in a `LabelCache`: ids (or descriptions) the model *stores*
+belong to it like its weights (a checkpoint holds them, its fingerprint covers them, nothing
+overwrites them), so the labels training used are encoded at tagging with exactly the ids
+they were trained on; other labels get ids generated from the stored generation prefix, the
+one the trained ids came from.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import torch
 from torch import nn
@@ -18,6 +28,48 @@ from ovml_core.text import ClipTextEncoder
 
 TEXT_DESCRIPTION_PROMPT = "Describe in one short sentence what a video of {} looks like."
 TEXT_DESCRIPTION_TOKENS = 24
+
+Output = TypeVar("Output")
+
+
+class LabelCache(Generic[Output]):
+    """What the frozen LLM wrote per label: `stored` entries are part of the model, `generated`
+    ones a cache the model could regenerate. Stored entries are never overwritten."""
+
+    def __init__(self) -> None:
+        self.stored: dict[str, Output] = {}
+        self.generated: dict[str, Output] = {}
+
+    def missing(self, labels: list[str]) -> list[str]:
+        """Distinct labels without an entry, in order."""
+        return [
+            label
+            for label in dict.fromkeys(labels)
+            if label not in self.stored and label not in self.generated
+        ]
+
+    def get(self, labels: list[str], generate: Callable[[list[str]], list[Output]]) -> list[Output]:
+        """Entries for `labels`, generating the missing ones in one call."""
+        missing = self.missing(labels)
+        if missing:
+            self.add(missing, generate(missing))
+        return [self.stored.get(label, self.generated.get(label)) for label in labels]
+
+    def add(self, labels: list[str], values: list[Output]) -> None:
+        stored = [label for label in labels if label in self.stored]
+        if stored:
+            raise ValueError(f"labels {stored[:3]} have stored entries, which never change")
+        self.generated.update(zip(labels, values, strict=True))
+
+    def store_generated(self) -> None:
+        """Make the generated entries part of the model (a checkpoint is being written)."""
+        self.stored = {**self.generated, **self.stored}
+        self.generated.clear()
+
+    def clear(self, stored: bool = False) -> None:
+        self.generated.clear()
+        if stored:
+            self.stored.clear()
 
 
 class PromptingTransformer(nn.Module):
@@ -66,10 +118,12 @@ class SoftAttributeEncoder(nn.Module):
         self.instruction = instruction
         self.num_attributes = num_attributes
         self.prefix = nn.Parameter(self._initial_prefix(num_prefix))
+        # The prefix the ids are generated from; a checkpoint keeps it beside the prefix.
+        self.register_buffer("generation_prefix", self.prefix.detach().clone())
         self.prompting = PromptingTransformer(
             llm.hidden_size, d_text, num_attributes, prompting_layers
         )
-        self._attribute_ids: dict[str, list[int]] = {}
+        self.ids: LabelCache[list[int]] = LabelCache()
 
     def _initial_prefix(self, num_prefix: int) -> torch.Tensor:
         # Start from real token embeddings (the instruction's first tokens, cycled) so the
@@ -83,25 +137,30 @@ class SoftAttributeEncoder(nn.Module):
         return [f"{self.instruction} {label}" for label in labels]
 
     def attribute_ids(self, labels: list[str]) -> list[list[int]]:
-        """Generated token ids per label, generated once and cached until `refresh()`."""
-        missing = [label for label in dict.fromkeys(labels) if label not in self._attribute_ids]
-        if missing:
-            generated = self.llm.generate_attribute_ids(
-                self.prefix.detach(), self.prompts(missing), self.num_attributes
-            )
-            self._attribute_ids.update(zip(missing, generated, strict=True))
-        return [self._attribute_ids[label] for label in labels]
+        """Token ids per label: stored, cached, or generated now from the generation prefix."""
+        return self.ids.get(labels, self.generate_ids)
+
+    def generate_ids(self, labels: list[str]) -> list[list[int]]:
+        """Greedy ids from the generation prefix, not cached."""
+        return self.llm.generate_attribute_ids(
+            self.generation_prefix, self.prompts(labels), self.num_attributes
+        )
 
     def set_attribute_ids(self, labels: list[str], ids: list[list[int]]) -> None:
-        """Use ids generated elsewhere (e.g. by a vLLM engine with the same prefix)."""
-        self._attribute_ids.update(zip(labels, ids, strict=True))
+        """Use ids generated elsewhere (e.g. by a vLLM engine from the generation prefix)."""
+        self.ids.add(labels, ids)
 
-    def refresh(self, labels: list[str] | None = None) -> None:
-        """Forget cached ids (all, or for some labels) so the next call regenerates them."""
-        if labels is None:
-            self._attribute_ids.clear()
-        for label in labels or []:
-            self._attribute_ids.pop(label, None)
+    def refresh(self) -> None:
+        """Forget generated ids (stored ones stay): the next call generates them again."""
+        self.ids.clear()
+
+    def regenerate(self, labels: list[str]) -> None:
+        """Training's refresh: the current prefix becomes the generation prefix, every id is
+        dropped (stored ones too), and `labels` get their new ids now, in one batch."""
+        with torch.no_grad():
+            self.generation_prefix.copy_(self.prefix)
+        self.ids.clear(stored=True)
+        self.attribute_ids(labels)
 
     def attribute_text(self, labels: list[str]) -> list[str]:
         """The generated attribute tokens decoded, for people to read."""
@@ -138,7 +197,7 @@ class LabelEncoder(nn.Module):
         self.template = template
         self.soft = soft
         self.llm = llm if soft is None else None  # soft mode reaches the LLM through `soft`
-        self._descriptions: dict[str, str] = {}
+        self.written: LabelCache[str] = LabelCache()  # the `text` mode's descriptions
 
     def prompt_features(self, labels: list[str]) -> torch.Tensor:
         return self.text.encode_texts([self.template.format(label) for label in labels])
@@ -148,17 +207,21 @@ class LabelEncoder(nn.Module):
         return [TEXT_DESCRIPTION_PROMPT.format(label) for label in labels]
 
     def descriptions(self, labels: list[str]) -> list[str]:
-        missing = [label for label in dict.fromkeys(labels) if label not in self._descriptions]
-        if missing:
-            written = self.llm.generate_text(
+        return self.written.get(
+            labels,
+            lambda missing: self.llm.generate_text(
                 self.description_prompts(missing), TEXT_DESCRIPTION_TOKENS
-            )
-            self._descriptions.update(zip(missing, written, strict=True))
-        return [self._descriptions[label] for label in labels]
+            ),
+        )
 
     def set_descriptions(self, labels: list[str], texts: list[str]) -> None:
         """Use descriptions written elsewhere (e.g. by a vLLM engine from the same prompts)."""
-        self._descriptions.update(zip(labels, texts, strict=True))
+        self.written.add(labels, texts)
+
+    @property
+    def cache(self) -> LabelCache | None:
+        """What the LLM wrote per label in this mode (None for `prompt`)."""
+        return {"soft": self.soft.ids if self.soft else None, "text": self.written}.get(self.mode)
 
     def attributes(self, labels: list[str]) -> list[str]:
         """What the LLM produced per label (empty for `prompt`)."""
@@ -169,9 +232,9 @@ class LabelEncoder(nn.Module):
         return ["" for _ in labels]
 
     def refresh(self) -> None:
-        self._descriptions.clear()
-        if self.soft is not None:
-            self.soft.refresh()
+        """Forget generated outputs (stored ones stay): the next call generates them again."""
+        if self.cache is not None:
+            self.cache.clear()
 
     def forward(self, labels: list[str]) -> torch.Tensor:
         if self.mode == "prompt":

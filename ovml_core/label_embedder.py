@@ -72,16 +72,22 @@ class LabelEmbedder:
         return embeddings, self.model.label_attributes(labels)
 
     def _generate(self, labels: list[str]) -> None:
-        """Fill the model's per-label caches with what the external engine wrote."""
+        """Fill the model's per-label caches with what the external engine wrote, for the
+        labels the model has nothing for: stored outputs (the labels training used) stay."""
         encoder = self.model.labels
+        if encoder.cache is None:
+            return
+        missing = encoder.cache.missing(labels)
+        if not missing:
+            return
         if encoder.mode == "soft":
             soft = encoder.soft
             ids = self.generator.generate_attribute_ids(
-                soft.prefix.detach(), soft.prompts(labels), soft.num_attributes
+                soft.generation_prefix, soft.prompts(missing), soft.num_attributes
             )
-            soft.set_attribute_ids(labels, ids)
-        elif encoder.mode == "text":
+            soft.set_attribute_ids(missing, ids)
+        else:
             texts = self.generator.generate_text(
-                encoder.description_prompts(labels), TEXT_DESCRIPTION_TOKENS
+                encoder.description_prompts(missing), TEXT_DESCRIPTION_TOKENS
             )
-            encoder.set_descriptions(labels, texts)
+            encoder.set_descriptions(missing, texts)

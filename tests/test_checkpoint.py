@@ -78,10 +78,58 @@ def test_pickle_only_checkpoint_is_refused(tmp_path):
 
 
 def test_mismatched_weights_are_refused(trained_model, tmp_path):
-    save_checkpoint(trained_model, tmp_path / "ckpt")
-    save_file({"unrelated": torch.zeros(2)}, str(tmp_path / "ckpt" / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="does not match"):
-        load_checkpoint(tmp_path / "ckpt")
+    ckpt = save_checkpoint(trained_model, tmp_path / "ckpt")
+    save_file({"unrelated": torch.zeros(2)}, str(ckpt / "model.safetensors"))
+    # config.json records the sha256 of the file it was written with: a swapped (or half
+    # copied) weights file is refused by name before it is read.
+    with pytest.raises(CheckpointError, match="model.safetensors: missing or not the file"):
+        load_checkpoint(ckpt)
+    # A config.json without sha256s (written before they were recorded): the keys decide.
+    meta = json.loads((ckpt / "config.json").read_text())
+    del meta["files"]
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="does not match the model"):
+        load_checkpoint(ckpt)
+
+
+def test_changed_labels_file_is_refused(trained_model, tmp_path):
+    trained_model.encode_labels(LABELS)
+    ckpt = save_checkpoint(trained_model, tmp_path / "ckpt")
+    stored = json.loads((ckpt / "labels.json").read_text())
+    stored["attribute_ids"]["dog"][0] += 1
+    (ckpt / "labels.json").write_text(json.dumps(stored))
+    with pytest.raises(CheckpointError, match="labels.json: missing or not the file"):
+        load_checkpoint(ckpt)
+
+
+def test_stored_ids_and_generation_prefix_survive_save_load(trained_model, tiny_config, tmp_path):
+    soft = trained_model.labels.soft
+    soft.regenerate(LABELS)  # the trained prefix becomes the generation prefix
+    assert not torch.equal(
+        soft.generation_prefix, create_model(tiny_config.model).labels.soft.prefix
+    )
+    # Stored ids are used as they are, even ids the prefix would not generate now.
+    soft.ids.stored["surfing"] = [5, 6, 7, 8]
+    expected = dict(zip(LABELS, soft.attribute_ids(LABELS), strict=True))
+    loaded = load_checkpoint(save_checkpoint(trained_model, tmp_path / "ckpt")).labels.soft
+    assert loaded.ids.stored == expected and not loaded.ids.generated
+    assert torch.equal(loaded.generation_prefix, soft.generation_prefix)
+    assert loaded.attribute_ids(["surfing"]) == [[5, 6, 7, 8]]
+    # A label the model never stored gets ids from the stored generation prefix.
+    assert loaded.attribute_ids(["cat"]) == soft.generate_ids(["cat"])
+    assert loaded.ids.missing(["cat"]) == [] and "cat" not in loaded.ids.stored
+
+
+def test_fingerprint_covers_stored_ids_not_generated_ones(trained_model):
+    soft = trained_model.labels.soft
+    before = model_fingerprint(trained_model)
+    soft.attribute_ids(LABELS)  # generated: a cache the model could rebuild
+    assert model_fingerprint(trained_model) == before
+    soft.ids.store_generated()  # stored (as saving does): part of the model
+    stored = model_fingerprint(trained_model)
+    assert stored != before
+    soft.ids.stored["dog"] = [*soft.ids.stored["dog"][:-1], soft.ids.stored["dog"][-1] + 1]
+    assert model_fingerprint(trained_model) not in (before, stored)
 
 
 def test_missing_directory_is_named(tmp_path):

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from ovml_core.attributes import LabelCache
 from ovml_core.config import Config
 from ovml_core.model import create_model
 from ovml_core.text import LabelTooLongError
@@ -106,18 +107,42 @@ def test_gradients_reach_trainable_parts_only(tiny_config):
         assert p.grad is None, f"LLM {name} got a gradient"
 
 
-def test_attribute_ids_are_cached_until_refresh(tiny_config):
+def test_ids_come_from_the_generation_prefix_until_regenerate(tiny_config):
     model = create_model(tiny_config.model)
     soft = model.labels.soft
     first = soft.attribute_ids(LABELS)
+    assert all(len(ids) == tiny_config.model.num_attributes for ids in first)
     with torch.no_grad():
         soft.prefix.add_(torch.randn_like(soft.prefix) * 5)
     assert soft.attribute_ids(LABELS) == first  # cached: the prefix change is not seen
-    assert all(len(ids) == tiny_config.model.num_attributes for ids in first)
-    soft.refresh()
-    regenerated = soft.attribute_ids(LABELS)
-    assert len(regenerated) == len(LABELS)
-    assert soft.attribute_ids(LABELS) == regenerated
+    soft.refresh()  # forgets the ids, but they are generated from the unmoved generation prefix
+    assert soft.attribute_ids(LABELS) == first
+    soft.regenerate(LABELS[:2])  # the trained prefix becomes the generation prefix
+    assert torch.equal(soft.generation_prefix, soft.prefix)
+    assert soft.ids.missing(LABELS) == LABELS[2:]  # generated now, in one batch
+    assert soft.attribute_ids(LABELS[:2]) == soft.generate_ids(LABELS[:2])
+
+
+def test_label_cache_never_overwrites_stored_entries():
+    cache = LabelCache()
+    asked = []
+
+    def generate(labels):
+        asked.append(labels)
+        return [f"new {label}" for label in labels]
+
+    cache.stored["dog"] = "trained"
+    assert cache.get(["dog", "cat", "cat"], generate) == ["trained", "new cat", "new cat"]
+    assert asked == [["cat"]]  # once per distinct missing label
+    with pytest.raises(ValueError, match="dog"):
+        cache.add(["dog"], ["other"])
+    cache.generated["dog"] = "other"  # even one slipped past `add`
+    cache.store_generated()
+    assert cache.stored == {"dog": "trained", "cat": "new cat"} and not cache.generated
+    cache.clear()  # a refresh forgets generated entries only
+    assert cache.stored == {"dog": "trained", "cat": "new cat"}
+    cache.clear(stored=True)
+    assert cache.missing(["dog", "cat"]) == ["dog", "cat"]
 
 
 def test_text_mode_uses_llm_descriptions():
