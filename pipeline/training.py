@@ -14,6 +14,14 @@ is `ovml_core.finetune`; this module wires it to Ray. Checkpoints go through
 (`train_state/`: un-interpolated weights, optimizer, schedule, step, metrics history).
 Rerunning the same command resumes from the latest checkpoint of that run: Ray Train
 restores it and every worker reads it back through `ray.train.get_checkpoint()`.
+
+Soft attribute ids: every base label's ids are generated from the current prefix at the start,
+every `train.attribute_refresh_steps` steps and after the last step, so the final validation
+and the exported model use ids of the final prefix, for base and novel labels alike; the
+exported model stores them (`ovml_core.checkpoint`), and a resumed run continues with the
+ids and generation prefix of its checkpoint. The run folder holds the latest exported model
+(`model/`, the path to tag with), `attributes.json` (each base label's attribute text as that
+model encodes it) and `metrics.json` / `metrics.csv`.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import ray.train.torch
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ovml_core.checkpoint import CheckpointError
+from ovml_core.checkpoint import CONFIG_FILE, CheckpointError, load_label_state
 from ovml_core.clip import clip_image_params, create_clip, resolve_pretrained
 from ovml_core.config import Config, ConfigError
 from ovml_core.finetune import (
@@ -59,10 +67,10 @@ from ovml_core.finetune import (
     step_generator,
     with_last,
 )
-from ovml_core.model import create_model
+from ovml_core.model import OVMLModel, create_model
 from pipeline.cli import job_parser, log_to_console
 from pipeline.manifest import resolve
-from pipeline.parquet_io import write_text_atomic
+from pipeline.parquet_io import atomic_output, write_text_atomic
 from pipeline.training_data import plan_training
 
 logger = logging.getLogger(__name__)
@@ -71,6 +79,7 @@ MODEL_DIR = "model"
 STATE_DIR = "train_state"
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
+ATTRIBUTES_JSON = "attributes.json"
 # Resuming needs only the latest checkpoint; one older one survives an interrupted upload.
 CHECKPOINTS_TO_KEEP = 2
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -116,22 +125,24 @@ class WorkerRun:
     def _restore(self) -> Progress:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
+            self.regenerate_attributes()
             return Progress()
         with checkpoint.as_directory() as directory:
             progress = load_training_state(
                 Path(directory) / STATE_DIR, self.model, self.optimizer, self.scheduler
             )
+            load_label_state(self.model, Path(directory) / MODEL_DIR)
         logger.info("rank %d resumes at step %d", self.rank, progress.step)
         return progress
 
     def run(self) -> None:
         self.model.train()
         for epoch in range(self.progress.epoch, self.train.epochs):
-            self.train_epoch()
+            self.train_epoch(last_epoch=epoch == self.train.epochs - 1)
             self.progress.epoch, self.progress.batches_done = epoch + 1, 0
             self.report(self.validate())
 
-    def train_epoch(self) -> None:
+    def train_epoch(self, last_epoch: bool) -> None:
         train, progress = self.train, self.progress
         batches = self.shard.iter_torch_batches(batch_size=train.batch_size, device=self.device)
         for index, (batch, is_last) in enumerate(with_last(batches)):
@@ -146,19 +157,25 @@ class WorkerRun:
             (losses["total"] / train.grad_accum).backward()
             self.meter.add(losses, len(batch["frames"]))
             if boundary:
-                self.optimizer_step(index)
+                self.optimizer_step(index, last=last_epoch and is_last)
                 every = train.checkpoint_every_steps
                 if every and progress.step % every == 0 and not is_last:
                     self.report({})
 
-    def optimizer_step(self, index: int) -> None:
+    def optimizer_step(self, index: int, last: bool) -> None:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.step, self.progress.batches_done = self.progress.step + 1, index + 1
+        if last or self.progress.step % self.train.attribute_refresh_steps == 0:
+            self.regenerate_attributes()
+
+    def regenerate_attributes(self) -> None:
+        """Soft mode: the current prefix generates every base label's ids (novel labels get
+        theirs from it when validation first encodes them)."""
         soft = self.model.labels.soft
-        if soft is not None and self.progress.step % self.train.attribute_refresh_steps == 0:
-            soft.refresh()  # regenerate the attribute ids with the updated prefix
+        if soft is not None:
+            soft.regenerate(self.base)
 
     def validate(self) -> dict[str, float]:
         """Base (and novel) mAP over the whole val set, on rank 0; {} elsewhere."""
@@ -237,10 +254,12 @@ def _report(metrics: dict[str, Any], run: WorkerRun) -> None:
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if run.rank == 0:
-            export_model(run.model, Path(directory) / MODEL_DIR, run.objective)
+            exported = export_model(run.model, Path(directory) / MODEL_DIR, run.objective)
             save_training_state(
                 Path(directory) / STATE_DIR, run.model, run.optimizer, run.scheduler, progress
             )
+            publish_model(exported, run.run_dir)
+            write_attributes(run.run_dir, run.model, run.base)
             write_metrics(run.run_dir, progress.history)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(
@@ -248,6 +267,26 @@ def _report(metrics: dict[str, Any], run: WorkerRun) -> None:
             checkpoint=checkpoint,
             checkpoint_dir_name=f"checkpoint_epoch{progress.epoch:04d}_step{progress.step:08d}",
         )
+
+
+def publish_model(exported: Path, run_dir: str) -> None:
+    """The exported model also at `<run folder>/model/` (local path or s3:// / gs://), file by
+    file and config.json last: a reader that catches it half-way is refused by
+    `load_checkpoint` (config.json records the other files' sha256), never given a mix."""
+    target = f"{run_dir.rstrip('/')}/{MODEL_DIR}"
+    fs, path = resolve(target)
+    fs.create_dir(path, recursive=True)
+    for file in sorted(exported.iterdir(), key=lambda f: f.name == CONFIG_FILE):
+        with atomic_output(fs, f"{path}/{file.name}") as out:
+            out.write(file.read_bytes())
+
+
+def write_attributes(run_dir: str, model: OVMLModel, labels: list[str]) -> None:
+    """attributes.json: label -> what the LLM wrote for it (soft: the decoded attribute ids;
+    text: the description), as the model encodes it now. Nothing in `prompt` mode."""
+    if model.labels.cache is not None:
+        attributes = dict(zip(labels, model.label_attributes(labels), strict=True))
+        write_text_atomic(f"{run_dir.rstrip('/')}/{ATTRIBUTES_JSON}", json.dumps(attributes))
 
 
 def write_metrics(run_dir: str, history: list[dict[str, Any]]) -> None:
@@ -272,6 +311,11 @@ def storage_uri(storage_path: str) -> str:
     return storage_path if "://" in storage_path else os.path.abspath(storage_path)
 
 
+def run_folder(cfg: Config) -> str:
+    """`train.storage_path/train.name`: checkpoints, metrics and the exported `model/`."""
+    return f"{storage_uri(cfg.train.storage_path).rstrip('/')}/{cfg.train.name}"
+
+
 def build_trainer(
     cfg: Config, train_loop: Callable[[dict[str, Any]], None] = train_loop_per_worker
 ) -> ray.train.torch.TorchTrainer:
@@ -280,7 +324,7 @@ def build_trainer(
     train = cfg.train
     check_regularizers(cfg.model, train)
     storage = storage_uri(train.storage_path)
-    run_dir = f"{storage.rstrip('/')}/{train.name}"
+    run_dir = run_folder(cfg)
     check_resumable(cfg, run_dir)
     model = cfg.model
     image_size = clip_image_params(create_clip(model.clip_model, model.clip_pretrained))[0]
@@ -387,6 +431,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     print(f"run: {result.path}")
     if result.checkpoint is not None:
-        print(f"model checkpoint: {checkpoint_uri(result.checkpoint)}/{MODEL_DIR}")
+        print(f"exported model (tag with it): {run_folder(cfg)}/{MODEL_DIR}")
     print(f"metrics: {json.dumps(result.metrics, default=float)}")
     return EXIT_OK

@@ -38,7 +38,7 @@ from tests.videos import write_video
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 BASE = ["green", "left", "red", "right"]
 NOVEL = ["blue"]
-CRASH_STEP = 3  # the worker of rank 1 dies when it reaches its report of this step
+CRASH_STEP = 3  # the last worker (rank 1 of 2) dies when it reaches its report of this step
 
 
 def _model(**train_overrides):
@@ -185,21 +185,19 @@ def test_l2sp_pulls_pretrained_clip_weights_but_not_the_new_temporal_branch():
 # ---------------------------------------------------------------- Ray Train, end to end
 
 
-def _square_clip(path: Path, color: str, direction: str, start: int) -> Path:
+def _square_clip(path: Path, color: str, direction: str, start: int, side: int) -> Path:
     frames = []
     for t in range(8):
         image = np.full((32, 32, 3), 16, np.uint8)
-        x = int(np.clip(start + (2 * t if direction == "right" else -2 * t), 0, 22))
-        image[11:21, x : x + 10] = COLORS[color]
+        x = int(np.clip(start + (2 * t if direction == "right" else -2 * t), 0, 32 - side))
+        image[16 - side // 2 : 16 + (side + 1) // 2, x : x + side] = COLORS[color]
         frames.append(image)
     return write_video(path, frames, fps=8)
 
 
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory) -> Path:
+def write_square_clips(root: Path, side: int = 10) -> Path:
     """Moving squares: 8 training clips of the base labels, validation clips with the novel
     colour. Returns the manifest (video_id, uri, labels, split)."""
-    root = tmp_path_factory.mktemp("training-videos")
     rows = []
     for color in COLORS:
         for direction in ("left", "right"):
@@ -208,7 +206,7 @@ def videos(tmp_path_factory) -> Path:
                     continue
                 video_id = f"{color}-{direction}-{k}"
                 start = start if direction == "right" else start + 6
-                _square_clip(root / f"{video_id}.mp4", color, direction, start)
+                _square_clip(root / f"{video_id}.mp4", color, direction, start, side)
                 split = "val" if color == "blue" or k == 2 else "train"
                 rows.append(
                     {
@@ -220,6 +218,11 @@ def videos(tmp_path_factory) -> Path:
                 )
     pq.write_table(pa.Table.from_pylist(rows), root / "manifest.parquet")
     return root / "manifest.parquet"
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> Path:
+    return write_square_clips(tmp_path_factory.mktemp("training-videos"))
 
 
 def _config(manifest: Path, storage: Path, name: str, **train) -> Config:
@@ -243,8 +246,9 @@ def _config(manifest: Path, storage: Path, name: str, **train) -> Config:
 
 
 def crash_once_loop(loop_config: dict) -> None:
-    """The production loop, except that the worker of rank 1 really dies (os._exit) the first
-    time it reaches its report of CRASH_STEP; a marker file in the run folder makes it once."""
+    """The production loop, except that the worker of the last rank really dies (os._exit) the
+    first time it reaches its report of CRASH_STEP; a marker file in the run folder makes it
+    once."""
     import ray.train
 
     from pipeline import training
@@ -253,8 +257,9 @@ def crash_once_loop(loop_config: dict) -> None:
     report = training._report
 
     def report_or_die(metrics, *args, **kwargs):
-        rank = ray.train.get_context().get_world_rank()
-        if rank == 1 and metrics["step"] == CRASH_STEP and not marker.exists():
+        context = ray.train.get_context()
+        last = context.get_world_rank() == context.get_world_size() - 1
+        if last and metrics["step"] == CRASH_STEP and not marker.exists():
             marker.touch()
             os._exit(1)
         report(metrics, *args, **kwargs)
