@@ -163,9 +163,10 @@ class FrozenLLM(nn.Module):
         min_tail: int,
         use_cache: bool = False,
     ):
-        """Last-layer states [B, T, d] of `prefix + tokens` per row, at the rows' left-padded
-        tails (at least `min_tail` tokens each), with the cache and attention mask when
-        `use_cache`. The tokens all rows begin with run once, as one row."""
+        """Last-layer states [B, T, d] of `prefix + tokens` per row at the rows' left-padded
+        tails (at least `min_tail` tokens each), the key/value cache (filled when `use_cache`)
+        and the attention mask over head + tails. The head, `prefix` and the tokens every row
+        begins with, runs once, as one row."""
         if prefix.ndim != 2 or prefix.shape[1] != self.hidden_size:
             raise ValueError(f"prefix must be [P, {self.hidden_size}], got {tuple(prefix.shape)}")
         prefix = prefix.to(self.device, torch.float32)
