@@ -11,7 +11,9 @@ fine-tuning (temporal branch, prefix, prompting, scale, bias) have no zero-shot 
 their fine-tuned values and get plain weight decay; pulling the temporal branch back to its zero
 init undid what it learned (Moving Fashion, BENCHMARKS.md). `distill` pulls video and label
 features towards a frozen frame-mean CLIP with plain prompts (the teacher).
-The CLIP text tower and the LLM never train, so the label side is regularized by `distill` only.
+The CLIP text tower and the LLM never train, so the label side is regularized by `distill` only,
+and only with `soft` or `text` labels: with `prompt` labels student and teacher read the same
+prompt with the same frozen tower, the label term is zero and `distill` pulls the video only.
 
 Training state is safetensors + JSON, never pickle.
 """
