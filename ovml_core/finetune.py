@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -266,14 +267,23 @@ def evaluate(
     return {"map_base": subset_map(scores, targets, labels, base_labels).value}
 
 
+@contextmanager
+def exported_weights(model: OVMLModel, objective: Objective) -> Iterator[OVMLModel]:
+    """`model` with the weights `export_model` saves, inside the block: validation measures
+    the model that is exported."""
+    if "patch" not in objective.train.regularizers:
+        yield model
+        return
+    with patched(model.visual.visual, objective.pretrained_clip, objective.train.patch_alpha):
+        yield model
+
+
 def export_model(model: OVMLModel, directory: str | Path, objective: Objective) -> Path:
     """The deliverable checkpoint (`load_checkpoint` reads it). With `patch`, its CLIP vision
     weights are interpolated towards the pretrained ones and every new parameter keeps its
     fine-tuned value; training itself continues from the un-interpolated weights, which
     `save_training_state` keeps."""
-    if "patch" not in objective.train.regularizers:
-        return save_checkpoint(model, directory)
-    with patched(model.visual.visual, objective.pretrained_clip, objective.train.patch_alpha):
+    with exported_weights(model, objective):
         return save_checkpoint(model, directory)
 
 

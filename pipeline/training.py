@@ -60,6 +60,7 @@ from ovml_core.finetune import (
     check_same_model,
     evaluate,
     export_model,
+    exported_weights,
     json_safe,
     load_training_state,
     save_training_state,
@@ -178,12 +179,13 @@ class WorkerRun:
             soft.regenerate(self.base)
 
     def validate(self) -> dict[str, float]:
-        """Base (and novel) mAP over the whole val set, on rank 0; {} elsewhere."""
+        """Base (and novel) mAP of the model as exported, over the whole val set, on rank 0;
+        {} elsewhere."""
         if self.rank != 0 or self.val is None:
             return {}
         batches = self.val.iter_torch_batches(batch_size=self.train.batch_size, device=self.device)
-        with _autocast(self.device):
-            metrics = evaluate(self.model, batches, self.base + self.novel, self.base, self.novel)
+        with _autocast(self.device), exported_weights(self.model, self.objective) as exported:
+            metrics = evaluate(exported, batches, self.base + self.novel, self.base, self.novel)
         logger.info("after epoch %d: %s", self.progress.epoch, metrics)
         return metrics
 

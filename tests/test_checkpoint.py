@@ -8,6 +8,7 @@ from ovml_core.checkpoint import (
     CheckpointError,
     checkpoint_state,
     load_checkpoint,
+    load_label_state,
     model_fingerprint,
     save_checkpoint,
 )
@@ -118,6 +119,25 @@ def test_stored_ids_and_generation_prefix_survive_save_load(trained_model, tiny_
     # A label the model never stored gets ids from the stored generation prefix.
     assert loaded.attribute_ids(["cat"]) == soft.generate_ids(["cat"])
     assert loaded.ids.missing(["cat"]) == [] and "cat" not in loaded.ids.stored
+
+
+def test_resume_takes_the_ids_and_generation_prefix_not_the_weights(
+    trained_model, tiny_config, tmp_path
+):
+    soft = trained_model.labels.soft
+    soft.regenerate(LABELS)
+    soft.ids.store_generated()
+    soft.ids.stored["dog"] = [5, 6, 7, 8]  # ids the restored prefix would not write again
+    ckpt = save_checkpoint(trained_model, tmp_path / "ckpt")
+    resumed = create_model(tiny_config.model)  # what a restarted worker builds
+    load_label_state(resumed, ckpt)
+    assert resumed.labels.soft.ids.stored == soft.ids.stored
+    assert torch.equal(resumed.labels.soft.generation_prefix, soft.generation_prefix)
+    # The weights come from the training state, not from here.
+    assert torch.equal(
+        resumed.labels.soft.prefix, create_model(tiny_config.model).labels.soft.prefix
+    )
+    assert resumed.labels.soft.attribute_ids(LABELS) == soft.attribute_ids(LABELS)
 
 
 def test_fingerprint_covers_stored_ids_not_generated_ones(trained_model):

@@ -126,11 +126,20 @@ def _assert_exported_labels(cfg: Config) -> None:
         assert soft.attribute_ids(BASE + NOVEL) == soft.generate_ids(BASE + NOVEL)
 
 
-@pytest.mark.parametrize("mode", ["soft", "text", "prompt"])
-def test_final_validation_is_what_the_exported_model_tags(ray_local, videos, tmp_path, mode):
+@pytest.mark.parametrize(
+    ("mode", "train"),
+    [
+        ("soft", {}),
+        ("text", {}),
+        # With patch the exported CLIP weights are interpolated: validation must measure those.
+        ("prompt", {"regularizers": "[patch]", "lr_clip": 1e-3}),
+    ],
+    ids=["soft", "text", "prompt-patch"],
+)
+def test_final_validation_is_what_the_exported_model_tags(ray_local, videos, tmp_path, mode, train):
     from pipeline.training import build_trainer
 
-    cfg = _config(videos, tmp_path / "runs", mode)
+    cfg = _config(videos, tmp_path / "runs", mode, **train)
     build_trainer(cfg).fit()
     _assert_parity(cfg, tmp_path)
     _assert_exported_labels(cfg)
