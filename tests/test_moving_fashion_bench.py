@@ -1,5 +1,5 @@
-"""The Moving Fashion bench scripts: the ablation table averages each variant over its seeds;
-the order probe trains and reports every twin pair."""
+"""The Moving Fashion bench scripts: the ablation table averages each variant setting over its
+seeds, val next to test; the order probe trains and reports every twin pair."""
 
 import importlib.util
 import json
@@ -21,20 +21,44 @@ def load_ablation():
     return load_bench("moving_fashion_ablation")
 
 
-def row(variant, seed, value):
+def row(variant, seed, value, overrides=()):
+    """A row of the ablation: every column's number is `value` on val, value + 0.1 on test."""
     ablation = load_ablation()
-    metrics = {key: value for key, _ in ablation.COLUMNS}
-    return {"variant": variant, "seed": seed, **metrics}
+    row = {"variant": variant, "seed": seed, "overrides": list(overrides), "val": {}, "test": {}}
+    for split, key, _ in ablation.COLUMNS:
+        if split is None:
+            row[key] = value
+        else:
+            row[split][key] = value + (0.1 if split == "test" else 0.0)
+    return row
 
 
-def test_one_line_per_variant_with_mean_and_spread_over_seeds():
+def test_one_line_per_setting_with_val_next_to_test_and_spread_over_seeds():
     ablation = load_ablation()
-    rows = [row("zero_shot", 0, 0.3), row("full", 0, 0.4), row("full", 1, 0.6)]
+    rows = [
+        row("zero_shot", 0, 0.3),
+        row("full", 0, 0.4),
+        row("full", 1, 0.6),
+        row("full", 0, 0.2, ["train.distill_weight=3"]),
+    ]
     lines = ablation.table(rows).splitlines()
-    assert len(lines) == 4  # header, rule, one line per variant in run order
-    zero_shot, full = (line.split(" | ") for line in lines[2:])
-    assert zero_shot[0] == "| zero_shot" and zero_shot[1] == "0" and zero_shot[2] == "0.300"
+    assert len(lines) == 5  # header, rule, one line per variant setting in run order
+    header = lines[0].split(" | ")
+    assert header[2:8] == [
+        "val mAP base",
+        "test mAP base",
+        "val mAP novel",
+        "test mAP novel",
+        "val HM",
+        "test HM",
+    ]
+    assert header[8:10] == ["val HM unseen", "test HM unseen"]
+    zero_shot, full, weighted = (line.split(" | ") for line in lines[2:])
+    assert zero_shot[0] == "| zero_shot" and zero_shot[1] == "0"
+    assert zero_shot[2:4] == ["0.300", "0.400"]  # val, then test
     assert full[1] == "0,1" and full[2] == "0.500 ± 0.141"  # sample std of 0.4 and 0.6
+    assert full[3] == "0.600 ± 0.141"
+    assert weighted[0] == "| full train.distill_weight=3" and weighted[2] == "0.200"
     assert ablation.pair_name("moving left", "moving right") == "left/right"
     assert ablation.TWIN_PAIRS == ("left/right", "up/down", "clockwise/counterclockwise", "in/out")
 
