@@ -131,7 +131,8 @@ class TagConfig:
     emit_embedding: bool = True
     rescore_batch_size: int = 4096  # stored rows per re-scoring batch
     allowed_schemes: list[str] = field(default_factory=lambda: ["file", "s3", "gs"])
-    retry_errors: bool = True  # rerun videos whose current row has an error
+    # rerun videos whose current row has an error (a permanent one only once its file changed)
+    retry_errors: bool = True
     rows_per_file: int = 1000  # rows per output part file (what a killed run can lose, at most)
 
     def validate(self, prefix: str = "tag") -> None:

@@ -55,7 +55,15 @@ CONTAINER_FORMATS = (
 
 
 class VideoDecodeError(Exception):
-    """A video cannot be sampled; the message names the input and what is wrong with it."""
+    """A video cannot be sampled; the message names the input and what is wrong with it.
+
+    `transient`: the failure may pass on its own (a read that failed or stalled, a decode that
+    ran out of time on a busy machine), so the video is worth trying again as it is; otherwise
+    the file itself is the problem (not a video, over a limit, cut off) until it changes."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass
@@ -86,7 +94,8 @@ class _Deadline:
     def check(self) -> None:
         if self.elapsed() > self.seconds:
             raise VideoDecodeError(
-                f"{self.uri}: decoding took longer than video.max_decode_s={self.seconds:g} s"
+                f"{self.uri}: decoding took longer than video.max_decode_s={self.seconds:g} s",
+                transient=True,
             )
 
 
@@ -237,12 +246,13 @@ def _next_block(uri: str, blocks: queue.Queue, deadline: _Deadline) -> bytes:
     except queue.Empty:
         raise VideoDecodeError(
             f"{uri}: read stalled: the file did not arrive within "
-            f"video.max_decode_s={deadline.seconds:g} s"
+            f"video.max_decode_s={deadline.seconds:g} s",
+            transient=True,
         ) from None
     if isinstance(item, FileNotFoundError):
         raise VideoDecodeError(f"{uri}: file not found") from item
     if isinstance(item, Exception):
-        raise VideoDecodeError(f"{uri}: read failed: {item}") from item
+        raise VideoDecodeError(f"{uri}: read failed: {item}", transient=True) from item
     return item
 
 
@@ -252,7 +262,9 @@ def _remote_filesystem(uri: str) -> tuple[Any, str]:
     try:
         return pyarrow.fs.FileSystem.from_uri(uri)
     except (OSError, ValueError) as err:
-        raise VideoDecodeError(f"{uri}: unsupported or unreachable location: {err}") from err
+        raise VideoDecodeError(
+            f"{uri}: unsupported or unreachable location: {err}", transient=True
+        ) from err
 
 
 def _check_local_file(path: str, limits: VideoConfig) -> None:
@@ -285,7 +297,7 @@ def _container(uri: str, path: str) -> Iterator[av.container.InputContainer]:
         hint = f" (or not one of the container formats {allowed})" if refused else ""
         raise VideoDecodeError(f"{uri}: not a readable video{hint}: {err}") from err
     except OSError as err:
-        raise VideoDecodeError(f"{uri}: read failed: {err}") from err
+        raise VideoDecodeError(f"{uri}: read failed: {err}", transient=True) from err
 
 
 def _checked_video_stream(

@@ -7,6 +7,8 @@
 It never raises for bad input. A video that cannot be sampled (missing, corrupt, truncated, not
 a video, over the limits, a scheme outside the allow-list) gets `error` set and all-zero
 frames, so every block keeps one fixed tensor shape; consumers must ignore frames of error rows.
+`error_kind` says whether trying the same file again may help: "transient" (a read failed or
+stalled, time ran out, anything unexpected) or "permanent" (the file is the problem).
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from ovml_core.config import VideoConfig
-from ovml_core.video import sample_frames
+from ovml_core.video import VideoDecodeError, sample_frames
 from pipeline.manifest import Filesystems, check_scheme, resolve, uri_scheme
 
 # Columns decode_video adds to a manifest row.
-DECODED_COLUMNS = ("frames", "num_frames", "duration_s", "error")
+DECODED_COLUMNS = ("frames", "num_frames", "duration_s", "error", "error_kind")
 
 
 def decode_video(
@@ -49,6 +51,7 @@ def decode_video(
             "num_frames": None,
             "duration_s": None,
             "error": f"{type(err).__name__}: {err}",
+            "error_kind": error_kind(err),
         }
     return {
         **row,
@@ -56,7 +59,16 @@ def decode_video(
         "num_frames": meta["frame_count"],
         "duration_s": meta["duration_s"],
         "error": None,
+        "error_kind": None,
     }
+
+
+def error_kind(err: Exception) -> str:
+    """ "permanent" for what the file or its uri decides (not a video, over a limit, a refused
+    scheme), "transient" for failures that may pass (I/O, time, anything unexpected)."""
+    if isinstance(err, VideoDecodeError):
+        return "transient" if err.transient else "permanent"
+    return "permanent" if isinstance(err, ValueError) else "transient"
 
 
 def _sample(

@@ -47,7 +47,7 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 # Stored video embeddings: float16 halves the bytes of float32 and moves a score by far less
-# than bf16 encoding does (BENCHMARKS.md, "Re-scoring"); scores are computed from the stored
+# than bfloat16 would (BENCHMARKS.md, "Nightly vocabulary"); scores are computed from the stored
 # value, so a row re-scored later gets exactly the scores a fresh tag would.
 EMBEDDING_TYPE = pa.float16()
 
@@ -56,6 +56,7 @@ INDEX_COLUMNS = [
     "video_id",
     "uri",
     "error",
+    "error_kind",
     "model_fingerprint",
     "vocabulary_fingerprint",
     "source_size",
@@ -80,6 +81,8 @@ def tags_schema(embedding_dim: int | None = None) -> pa.Schema:
         pa.field("num_frames", pa.int32()),  # frames in the video stream
         pa.field("duration_s", pa.float64()),
         pa.field("error", pa.string()),  # null when the video was tagged
+        # "permanent" (retried only when the file changes) | "transient" (retried next run)
+        pa.field("error_kind", pa.string()),
         pa.field("model_fingerprint", pa.string(), nullable=False),
         # labels (in scoring order), their model, threshold and top_k: what the tags mean
         pa.field("vocabulary_fingerprint", pa.string()),

@@ -291,6 +291,7 @@ class VideoTagger:
             "num_frames": _where(ok, batch["num_frames"], int),
             "duration_s": _where(ok, batch["duration_s"], float),
             "error": errors,
+            "error_kind": _optional(batch["error_kind"], str),
             "model_fingerprint": [self.fingerprint] * rows,
             "vocabulary_fingerprint": [self.vocabulary_fingerprint] * rows,
             "source_size": _optional(batch["source_size"], int),
@@ -346,9 +347,9 @@ def pending_videos(
 
     `manifest` has video_id, uri, source_size, source_mtime; `current` the output's current
     rows (INDEX_COLUMNS). A video is encoded when it has no current row, an error row (with
-    retry_errors), another model's row, or a row for another file (uri, size or mtime differ,
-    or unknown: rows of older versions). Otherwise it is re-scored when its vocabulary differs,
-    and skipped when not.
+    retry_errors; a permanent error only once its file changed), another model's row, or a row
+    for another file (uri, size or mtime differ, or unknown: rows of older versions).
+    Otherwise it is re-scored when its vocabulary differs, and skipped when not.
     """
     stored = {}
     if current is not None:
@@ -358,7 +359,8 @@ def pending_videos(
     for i, video in enumerate(manifest.select(["video_id", *SOURCE_COLUMNS]).to_pylist()):
         row = stored.get(video["video_id"])
         if row is not None and row["error"] is not None:
-            need = "encode" if retry_errors else "skip"
+            permanent = row["error_kind"] == "permanent" and _same_file(row, video)
+            need = "encode" if retry_errors and not permanent else "skip"
         elif row is None or row["model_fingerprint"] != fingerprint or not _same_file(row, video):
             need = "encode"
         else:

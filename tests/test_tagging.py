@@ -88,15 +88,35 @@ def test_exit_code_is_1_only_when_every_video_of_the_manifest_failed():
     assert code(0, 3, 0, rescored=2) == 0
 
 
-def _index(rows):
-    """INDEX_COLUMNS rows: (video_id, uri, error, model, vocabulary, size, mtime, run_id)."""
-    return pa.table(dict(zip(INDEX_COLUMNS, zip(*rows, strict=True), strict=True)))
+def _index(rows, error_kinds=None):
+    """INDEX_COLUMNS rows: (video_id, uri, error, model, vocabulary, size, mtime, run_id), and
+    `error_kinds` (default null, as in rows written before error kinds existed)."""
+    names = [c for c in INDEX_COLUMNS if c != "error_kind"]
+    table = pa.table(dict(zip(names, zip(*rows, strict=True), strict=True)))
+    kinds = pa.array(error_kinds or [None] * len(rows), pa.string())
+    return table.add_column(INDEX_COLUMNS.index("error_kind"), "error_kind", kinds)
 
 
 def _index_manifest(rows):
     """(video_id, uri, source_size, source_mtime) rows, as `run_tagging` builds them."""
     names = ["video_id", "uri", "source_size", "source_mtime"]
     return pa.table(dict(zip(names, zip(*rows, strict=True), strict=True)))
+
+
+def test_a_permanent_error_is_retried_only_once_its_file_changed():
+    t = "2026-01-01T00:00:00+00:00"
+    manifest = _index_manifest([(v, v, 10, t) for v in "abcd"] + [("e", "e", 11, t)])
+    current = _index(
+        [(v, v, "boom", "fp", "voc", 10, t, "r1") for v in "abcde"],
+        ["permanent", "transient", None, "permanent", "permanent"],
+    )
+    # a, d: permanent, same file: skipped; b: transient; c: written before error kinds;
+    # e: permanent, but its size changed
+    pending = pending_videos(manifest, current, "fp", "voc")
+    assert pending.encode["video_id"].to_pylist() == ["b", "c", "e"]
+    assert pending.skipped == 2
+    # the model is no excuse: the file is what failed
+    assert pending_videos(manifest, current, "other", "voc").encode.num_rows == 3
 
 
 def test_pending_videos_sorts_videos_into_encode_rescore_and_skip():

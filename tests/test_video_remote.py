@@ -13,6 +13,7 @@ from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from pyarrow.fs import S3FileSystem
 
 from ovml_core.config import VideoConfig
 from ovml_core.video import VideoDecodeError, sample_frames
@@ -129,3 +130,35 @@ def test_video_max_bytes_caps_remote_and_local_files(tmp_path, aws_env):
         assert len(sample_frames(server.uri(), 4, 32, VideoConfig(max_bytes=len(body)))[0]) == 4
     finally:
         server.close()
+
+
+def test_error_rows_say_whether_trying_again_may_help(tmp_path, aws_env):
+    """A stalled read is transient (the next run tries again); a file that is not a video, or
+    a refused scheme, is permanent (tried again only once the file changes)."""
+    from pipeline.decode import decode_video
+
+    body = write_indexed_video(tmp_path / "clip.mp4", 40, gop=8).read_bytes()
+    (tmp_path / "notes.mp4").write_text("not a video")
+    server = FakeS3(body, stall=True)
+    host, port = server.server.server_address
+    s3 = S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1")
+    try:
+        rows = {
+            uri: decode_video(
+                {"video_id": "v", "uri": uri},
+                num_frames=4,
+                size=32,
+                limits=VideoConfig(max_decode_s=1.0),
+                allowed_schemes=("file", "s3"),
+                filesystems={"s3": s3},  # as the tagging job passes an endpoint override
+            )
+            for uri in ("s3://clips/clip.mp4", str(tmp_path / "notes.mp4"), "gs://b/clip.mp4")
+        }
+    finally:
+        server.close()
+    kinds = [(row["error_kind"], row["error"].split(":")[0]) for row in rows.values()]
+    assert kinds == [
+        ("transient", "VideoDecodeError"),
+        ("permanent", "VideoDecodeError"),
+        ("permanent", "ValueError"),
+    ]
