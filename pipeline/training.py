@@ -172,11 +172,14 @@ class WorkerRun:
             self.regenerate_attributes()
 
     def regenerate_attributes(self) -> None:
-        """Soft mode: the current prefix generates every base label's ids (novel labels get
-        theirs from it when validation first encodes them)."""
+        """The LLM writes for every base label in one batch: in `soft` mode ids from the
+        current prefix, which becomes the generation prefix (novel labels get theirs from it
+        when validation first encodes them); in `text` mode the descriptions, once."""
         soft = self.model.labels.soft
         if soft is not None:
             soft.regenerate(self.base)
+        else:
+            self.model.label_attributes(self.base)
 
     def validate(self) -> dict[str, float]:
         """Base (and novel) mAP of the model as exported, over the whole val set, on rank 0;
@@ -256,12 +259,16 @@ def _report(metrics: dict[str, Any], run: WorkerRun) -> None:
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if run.rank == 0:
+            # Before the export: what the LLM writes for a label not encoded yet (a `text`
+            # description) is then stored with the model, which tags with exactly that.
+            attributes = label_attributes(run.model, run.base)
             exported = export_model(run.model, Path(directory) / MODEL_DIR, run.objective)
             save_training_state(
                 Path(directory) / STATE_DIR, run.model, run.optimizer, run.scheduler, progress
             )
             publish_model(exported, run.run_dir)
-            write_attributes(run.run_dir, run.model, run.base)
+            if attributes is not None:
+                write_text_atomic(f"{run.run_dir}/{ATTRIBUTES_JSON}", json.dumps(attributes))
             write_metrics(run.run_dir, progress.history)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(
@@ -283,12 +290,12 @@ def publish_model(exported: Path, run_dir: str) -> None:
             out.write(file.read_bytes())
 
 
-def write_attributes(run_dir: str, model: OVMLModel, labels: list[str]) -> None:
-    """attributes.json: label -> what the LLM wrote for it (soft: the decoded attribute ids;
-    text: the description), as the model encodes it now. Nothing in `prompt` mode."""
-    if model.labels.cache is not None:
-        attributes = dict(zip(labels, model.label_attributes(labels), strict=True))
-        write_text_atomic(f"{run_dir.rstrip('/')}/{ATTRIBUTES_JSON}", json.dumps(attributes))
+def label_attributes(model: OVMLModel, labels: list[str]) -> dict[str, str] | None:
+    """What attributes.json holds: label -> what the LLM wrote for it (soft: the decoded
+    attribute ids; text: the description), as the model encodes it now; None for `prompt`."""
+    if model.labels.cache is None:
+        return None
+    return dict(zip(labels, model.label_attributes(labels), strict=True))
 
 
 def write_metrics(run_dir: str, history: list[dict[str, Any]]) -> None:
