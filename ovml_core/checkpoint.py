@@ -204,6 +204,12 @@ def load_label_state(model: OVMLModel, directory: str | Path) -> None:
     soft = model.labels.soft
     if soft is not None:
         with safe_open(str(directory / WEIGHTS_FILE), "pt") as f, torch.no_grad():
+            saved = f.keys()  # a safetensors handle has no `in`
+            if GENERATION_PREFIX not in saved:
+                raise CheckpointError(
+                    f"{directory / WEIGHTS_FILE} has no {GENERATION_PREFIX} (written before "
+                    "checkpoints kept the ids' prefix): start a new run (train.name)"
+                )
             soft.generation_prefix.copy_(f.get_tensor(GENERATION_PREFIX))
     _restore_labels_file(model, directory)
 

@@ -138,6 +138,15 @@ def test_resume_takes_the_ids_and_generation_prefix_not_the_weights(
         resumed.labels.soft.prefix, create_model(tiny_config.model).labels.soft.prefix
     )
     assert resumed.labels.soft.attribute_ids(LABELS) == soft.attribute_ids(LABELS)
+    # A checkpoint from before the generation prefix was kept cannot be resumed exactly.
+    state = checkpoint_state(trained_model)
+    del state["labels.soft.generation_prefix"]
+    save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt / "model.safetensors"))
+    meta = json.loads((ckpt / "config.json").read_text())
+    del meta["files"]
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="generation_prefix.*new run"):
+        load_label_state(resumed, ckpt)
 
 
 def test_fingerprint_covers_stored_ids_not_generated_ones(trained_model):
