@@ -68,7 +68,7 @@ def _config(manifest: Path, storage: Path, mode: str, **train) -> Config:
         **train,
     }
     overrides = [f"model.label_encoder={mode}", *(f"train.{k}={v}" for k, v in settings.items())]
-    if mode == "text":
+    if mode == "text":  # the tiny LLM writes one description for every label; SmolLM2 not
         overrides.append("model.llm=smollm2")
     return Config.from_yaml(TINY_CONFIG, overrides)
 
@@ -119,8 +119,8 @@ def _assert_exported_labels(cfg: Config) -> None:
     if cfg.model.label_encoder == "soft":
         soft = model.labels.soft
         # The last ids came from the final prefix, which moved from its start. (The tiny
-        # LLM writes the same ids whatever the prefix: that ids never change under the model
-        # is held by tests/test_checkpoint.py with ids set by hand.)
+        # LLM writes the same ids whatever the prefix, so that a loaded or resumed model uses
+        # its stored ids, not new ones, is held by tests/test_checkpoint.py, ids set by hand.)
         assert torch.equal(soft.generation_prefix, soft.prefix)
         assert not torch.equal(soft.prefix, create_model(cfg.model).labels.soft.prefix)
         assert soft.attribute_ids(BASE + NOVEL) == soft.generate_ids(BASE + NOVEL)
