@@ -34,19 +34,25 @@ def night_run_id(night: int) -> str:
 
 
 def write_night(
-    out: Path, night: int, video_ids: list[str], rng: np.random.Generator, *, rows_per_file: int
+    out: Path,
+    night: int,
+    video_ids: list[str],
+    rng: np.random.Generator,
+    *,
+    rows_per_file: int,
+    dim: int = DIM,
 ) -> None:
     """One nightly run's part files: rows for `video_ids`, some of them error rows."""
     run_id = night_run_id(night)
     for start in range(0, len(video_ids), rows_per_file):
         ids = video_ids[start : start + rows_per_file]
-        table = _rows(ids, run_id, rng)
+        table = _rows(ids, run_id, rng, dim)
         write_parquet_atomic(
             table, pafs.LocalFileSystem(), f"{out}/part-{run_id}-{start:06d}.parquet"
         )
 
 
-def _rows(ids: list[str], run_id: str, rng: np.random.Generator) -> pa.Table:
+def _rows(ids: list[str], run_id: str, rng: np.random.Generator, dim: int) -> pa.Table:
     n = len(ids)
     errors = [
         f"boom {v}" if bad else None for v, bad in zip(ids, rng.random(n) < 0.15, strict=True)
@@ -56,9 +62,9 @@ def _rows(ids: list[str], run_id: str, rng: np.random.Generator) -> pa.Table:
         None if e else [{"label": "dog", "score": float(s)}]
         for e, s in zip(errors, scores, strict=True)
     ]
-    embedding = rng.standard_normal((n, DIM)).astype(np.float16)
+    embedding = rng.standard_normal((n, dim)).astype(np.float16)
     valid = pa.array([e is None for e in errors])
-    embeddings = pa.FixedSizeListArray.from_arrays(pa.array(embedding.reshape(-1)), DIM)
+    embeddings = pa.FixedSizeListArray.from_arrays(pa.array(embedding.reshape(-1)), dim)
     return pa.table(
         {
             "video_id": ids,
@@ -75,24 +81,32 @@ def _rows(ids: list[str], run_id: str, rng: np.random.Generator) -> pa.Table:
             "source_mtime": [None if e else "2026-01-01T00:00:00+00:00" for e in errors],
             "run_id": [run_id] * n,
         },
-        schema=tags_schema(DIM),
+        schema=tags_schema(dim),
     )
 
 
 def write_nights(
-    out: Path, nights: int, videos: int, *, changed: int, new: int, rows_per_file: int, seed=0
+    out: Path,
+    nights: int,
+    videos: int,
+    *,
+    changed: int,
+    new: int,
+    rows_per_file: int,
+    dim: int = DIM,
+    seed: int = 0,
 ) -> None:
     """Night 0 tags `videos` videos; each later night re-writes `changed` of them (re-scored
     or re-tagged) and adds `new` ones."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     ids = [f"v{i:07d}" for i in range(videos)]
-    write_night(out, 0, ids, rng, rows_per_file=rows_per_file)
+    write_night(out, 0, ids, rng, rows_per_file=rows_per_file, dim=dim)
     for night in range(1, nights):
         again = sorted(rng.choice(ids, size=min(changed, len(ids)), replace=False).tolist())
         added = [f"v{len(ids) + i:07d}" for i in range(new)]
         ids += added
-        write_night(out, night, again + added, rng, rows_per_file=rows_per_file)
+        write_night(out, night, again + added, rng, rows_per_file=rows_per_file, dim=dim)
 
 
 class FaultyLocal(pafs.FSSpecHandler):
