@@ -75,6 +75,7 @@ def _rows(ids: list[str], run_id: str, rng: np.random.Generator, dim: int) -> pa
             "num_frames": [None if e else 90 for e in errors],
             "duration_s": [None if e else 3.0 for e in errors],
             "error": errors,
+            "error_kind": ["permanent" if e else None for e in errors],
             "model_fingerprint": ["fp"] * n,
             "vocabulary_fingerprint": [run_id[-6:]] * n,
             "source_size": [None if e else 1000 for e in errors],
