@@ -72,6 +72,7 @@ from ovml_core.model import OVMLModel, create_model
 from pipeline.cli import job_parser, log_to_console
 from pipeline.manifest import resolve
 from pipeline.parquet_io import atomic_output, write_text_atomic
+from pipeline.resources import check_training_fits
 from pipeline.training_data import plan_training
 
 logger = logging.getLogger(__name__)
@@ -332,6 +333,7 @@ def build_trainer(
     cfg = with_absolute_clip_weights(cfg)
     train = cfg.train
     check_regularizers(cfg.model, train)
+    check_training_fits(cfg)
     storage = storage_uri(train.storage_path)
     run_dir = run_folder(cfg)
     check_resumable(cfg, run_dir)
@@ -356,7 +358,12 @@ def build_trainer(
             "run_dir": run_dir,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=train.num_workers, use_gpu=train.use_gpu
+            num_workers=train.num_workers,
+            use_gpu=train.use_gpu,
+            resources_per_worker={
+                "CPU": train.worker_num_cpus,
+                **({"GPU": 1} if train.use_gpu else {}),
+            },
         ),
         run_config=ray.train.RunConfig(
             name=train.name,
