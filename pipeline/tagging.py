@@ -319,10 +319,10 @@ def _where(ok: np.ndarray, values: np.ndarray, kind: type) -> list:
 
 
 def _optional(values: np.ndarray, kind: type) -> list:
-    """A nullable column of a numpy batch as Python values (nulls arrive as None or NaN)."""
-    return [
-        None if v is None or (isinstance(v, float) and np.isnan(v)) else kind(v) for v in values
-    ]
+    """A nullable column of a numpy batch as Python values (nulls arrive as None or NaN, of
+    float32 when the whole batch is null)."""
+    nan = (float, np.floating)
+    return [None if v is None or (isinstance(v, nan) and np.isnan(v)) else kind(v) for v in values]
 
 
 @dataclass

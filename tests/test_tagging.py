@@ -343,13 +343,21 @@ def test_rerun_retries_only_errors_and_keeps_one_row_per_video(
     idle = run_tagging(quiet, manifest, str(out), labels=labels_file)
     assert (idle.processed, idle.skipped, idle.parts) == (0, len(good) + len(broken), [])
 
+    # A permanent error waits for its file to change; a file that could not be stat-ed (here:
+    # missing) or a transient error is tried again.
+    stored = read_tags(str(out), columns=["video_id", "error_kind", "source_size"])
+    rows = {r["video_id"]: r for r in stored.to_pylist()}
+    retried = {
+        v for v in broken if rows[v]["error_kind"] != "permanent" or rows[v]["source_size"] is None
+    }
+    assert retried == {"broken-missing"}
     again = run_tagging(cfg, manifest, str(out), labels=labels_file)
-    assert (again.ok, again.errored, again.skipped) == (0, len(broken), len(good))
+    assert (again.ok, again.errored, again.skipped) == (0, 1, len(good) + len(broken) - 1)
     current = read_tags(str(out))
     assert sorted(current["video_id"].to_pylist()) == sorted(good | broken)
     runs = dict(zip(current["video_id"].to_pylist(), current["run_id"].to_pylist(), strict=True))
-    assert {runs[v] for v in good} == {summary.run_id}
-    assert {runs[v] for v in broken} == {again.run_id}
+    assert {runs[v] for v in good | broken if v not in retried} == {summary.run_id}
+    assert runs["broken-missing"] == again.run_id
 
     full = run_tagging(cfg, manifest, str(out), labels=labels_file, full=True)
     assert (full.processed, full.skipped) == (len(good) + len(broken), 0)
