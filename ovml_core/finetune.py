@@ -36,7 +36,7 @@ from ovml_core.checkpoint import CheckpointError, save_checkpoint
 from ovml_core.config import ConfigError, ModelConfig, TrainConfig
 from ovml_core.losses import asymmetric_loss, bce_loss, sample_labels
 from ovml_core.metrics import base_novel_map, subset_map
-from ovml_core.model import OVMLModel, create_model
+from ovml_core.model import OVMLModel, as_stored, create_model
 from ovml_core.regularizers import (
     distillation_loss,
     draw_alpha,
@@ -255,7 +255,8 @@ def evaluate(
     label_emb = model.encode_labels(labels)
     scores, targets = [], []
     for batch in batches:
-        scores.append(model.score(model.encode_video(batch["frames"]), label_emb).float().cpu())
+        video = as_stored(model.encode_video(batch["frames"]))  # scored as tagging scores it
+        scores.append(model.score(video, label_emb).float().cpu())
         targets.append(batch["targets"].float().cpu())
     model.train(was_training)
     if not scores:

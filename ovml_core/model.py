@@ -91,6 +91,17 @@ class OVMLModel(nn.Module):
         return torch.sigmoid(self.logits(video_emb, label_emb))
 
 
+# Video embeddings are stored (tags files, re-scoring, search) as float16, and every score is
+# computed from the stored value: training's validation, a fresh tag and a re-scored row then
+# rank videos identically (rounding can swap near ties or make two scores equal).
+EMBEDDING_DTYPE = torch.float16
+
+
+def as_stored(video_emb: torch.Tensor) -> torch.Tensor:
+    """The video embedding as stored (EMBEDDING_DTYPE), back in float32 for scoring."""
+    return video_emb.to(EMBEDDING_DTYPE).float()
+
+
 def initial_scale_and_bias(cfg: ModelConfig, clip: open_clip.CLIP) -> tuple[float, float]:
     """(log scale, bias) the model starts from: the config's, or with `init_scale_from_clip`
     the CLIP's own `logit_scale` (open_clip keeps it as a log too) and `logit_bias` if any."""

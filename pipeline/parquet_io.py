@@ -49,7 +49,7 @@ MANIFEST_SCHEMA = pa.schema(
 # Stored video embeddings: float16 halves the bytes of float32 and moves a score by far less
 # than bfloat16 would (BENCHMARKS.md, "Nightly vocabulary"); scores are computed from the stored
 # value, so a row re-scored later gets exactly the scores a fresh tag would.
-EMBEDDING_TYPE = pa.float16()
+EMBEDDING_TYPE = pa.float16()  # = ovml_core.model.EMBEDDING_DTYPE, which scoring rounds to
 
 # The columns that decide what a video needs (tag, re-score, skip); read without tags/embeddings.
 INDEX_COLUMNS = [

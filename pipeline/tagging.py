@@ -41,7 +41,7 @@ import torch
 from ovml_core.checkpoint import CheckpointError, load_checkpoint, model_fingerprint
 from ovml_core.config import Config, ConfigError, ModelConfig, TagConfig
 from ovml_core.label_embedder import LabelEmbedder, load_vocabulary
-from ovml_core.model import OVMLModel, create_model
+from ovml_core.model import OVMLModel, as_stored, create_model
 from ovml_core.vocabulary import VocabularyError
 from pipeline.cli import job_parser, log_to_console
 from pipeline.manifest import Filesystems, read_manifest, resolve, source_stats
@@ -188,12 +188,6 @@ class ScoreHead:
         """`OVMLModel.score`, float32, from embeddings alone."""
         scale = torch.tensor(self.logit_scale, dtype=torch.float32)
         return torch.sigmoid(scale * video @ labels.T + self.logit_bias)
-
-
-def as_stored(video: torch.Tensor) -> torch.Tensor:
-    """The embedding as the tags file stores it (EMBEDDING_TYPE), back in float32: scores are
-    computed from this, so re-scoring a stored row reproduces a fresh tag's scores."""
-    return video.to(torch.float16).float()
 
 
 class VideoTagger:

@@ -538,3 +538,11 @@ def test_demo_inputs_decode_and_the_table_shows_tags_and_errors(tmp_path):
     table = demo.tags_table(pa.Table.from_pylist(rows), 0.5).splitlines()
     assert table[2].split() == ["a.mp4", "ball", "0.8", "ball"]
     assert table[3].split() == ["b.mp4", "error:", "VideoDecodeError:", "bad"]
+
+
+def test_stored_embeddings_have_the_dtype_scores_are_computed_from():
+    from ovml_core.model import EMBEDDING_DTYPE
+    from pipeline.parquet_io import EMBEDDING_TYPE
+
+    as_numpy = torch.empty(0, dtype=EMBEDDING_DTYPE).numpy().dtype
+    assert pa.from_numpy_dtype(as_numpy) == EMBEDDING_TYPE
