@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 import ray
 
 from ovml_core import moving_fashion as mf
-from ovml_core.checkpoint import load_checkpoint, save_checkpoint
+from ovml_core.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from ovml_core.config import Config
 from ovml_core.evaluation import EvaluationInput
 from ovml_core.finetune import json_safe
@@ -81,14 +81,6 @@ class FingerprintError(RuntimeError):
     """--out holds a row or run folder made with other code, config or inputs."""
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def code_fingerprint(repo: Path = REPO) -> dict[str, str]:
     """git HEAD and the sha256 of `git diff HEAD` of tracked files. Markdown is left out: a
     note in BENCHMARKS.md cannot change a number."""
@@ -112,8 +104,8 @@ def fingerprint(code: dict[str, str], cfg: Config, data: Path) -> dict[str, str]
     return {
         **code,
         "config_sha256": config_sha256(cfg.to_dict()),
-        "clip_sha256": sha256_file(Path(cfg.model.clip_pretrained)),
-        "data_sha256": sha256_file(data / mf.INFO),
+        "clip_sha256": file_sha256(Path(cfg.model.clip_pretrained)),
+        "data_sha256": file_sha256(data / mf.INFO),
     }
 
 

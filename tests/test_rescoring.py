@@ -22,6 +22,7 @@ from ovml_core.config import Config
 from pipeline.parquet_io import INDEX_COLUMNS, read_tags
 from pipeline.tagging import run_tagging, vocabulary_fingerprint
 from tests.conftest import TINY_CONFIG
+from tests.test_tagging import ray_local  # noqa: F401 (the local Ray fixture)
 from tests.videos import write_indexed_video
 
 LABELS = ["dog", "cat", "surfing"]
@@ -30,18 +31,6 @@ OVERRIDES = ["model.init_bias=0.0", "tag.top_k=10", "tag.rows_per_file=2"]
 FRAMES = {"c12": 12, "c24": 24, "c36": 36}
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +57,7 @@ def _labels(path: Path, labels: list[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def tagged(ray_local, cfg, clips, tmp_path_factory):
+def tagged(ray_local, cfg, clips, tmp_path_factory):  # noqa: F811
     """The clips tagged once with LABELS: (output directory, manifest, summary)."""
     root = tmp_path_factory.mktemp("tagged")
     manifest = _manifest(root / "manifest.parquet", clips)
@@ -169,7 +158,7 @@ def test_a_removed_label_is_in_no_row_and_an_unchanged_rerun_skips_everything(
     assert (again.ok, again.rescored, again.skipped, again.parts) == (0, 0, len(clips), [])
 
 
-def test_another_model_encodes_again(ray_local, clips, tagged, tmp_path):
+def test_another_model_encodes_again(ray_local, clips, tagged, tmp_path):  # noqa: F811
     out, manifest, first = _copy(tagged, tmp_path), tagged[1], tagged[2]
     other = Config.from_yaml(TINY_CONFIG, [*OVERRIDES, "model.init_bias=-1.0"])
     summary = run_tagging(other, manifest, out, labels=_labels(tmp_path / "l.txt", LABELS))
