@@ -130,10 +130,20 @@ class TagConfig:
     # without decoding; rows without one are encoded again.
     emit_embedding: bool = True
     rescore_batch_size: int = 4096  # stored rows per re-scoring batch
+    # Tags per window as well: a video longer than one segment is cut into windows of
+    # segment_s seconds (ovml_core.video.segment_windows), each one clip of T frames, stored in
+    # the row's `segments`; the video's tags are then the max over its segments. 0 = off.
+    segment_s: float = 0.0
+    # At most this many windows per video (longer ones get equal, longer windows): the decoded
+    # frames of one video are max_segments x T x size^2 x 3 bytes at most.
+    max_segments: int = 720
     allowed_schemes: list[str] = field(default_factory=lambda: ["file", "s3", "gs"])
     # rerun videos whose current row has an error (a permanent one only once its file changed)
     retry_errors: bool = True
     rows_per_file: int = 1000  # rows per output part file (what a killed run can lose, at most)
+    # Fail the run when no stage of its plan completes a batch for this long (the first one
+    # included): a stage that can never be scheduled or hangs stops the job. 0 = wait forever.
+    no_progress_timeout_s: float = 1800.0
 
     def validate(self, prefix: str = "tag") -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -144,6 +154,13 @@ class TagConfig:
         _positive(f"{prefix}.torch_threads", self.torch_threads)
         _positive(f"{prefix}.rows_per_file", self.rows_per_file)
         _positive(f"{prefix}.rescore_batch_size", self.rescore_batch_size)
+        if not 0 <= self.segment_s < float("inf"):  # NaN too
+            raise ConfigError(
+                f"{prefix}.segment_s: must be a number of seconds >= 0 (0 = off), "
+                f"got {self.segment_s!r}"
+            )
+        _positive(f"{prefix}.max_segments", self.max_segments)
+        _positive(f"{prefix}.no_progress_timeout_s", self.no_progress_timeout_s, allow_zero=True)
         _check_device(prefix, self.device, "encode_num_gpus", self.encode_num_gpus)
         for s in self.allowed_schemes:
             _choice(f"{prefix}.allowed_schemes", s, ("file", "s3", "gs"))
@@ -163,6 +180,7 @@ class LabelBankConfig:
     # Share of GPU memory the vLLM engine takes; the rest holds the frozen LLM of the
     # teacher-forced pass and the CLIP text tower.
     vllm_gpu_memory_utilization: float = 0.5
+    no_progress_timeout_s: float = 1800.0  # as tag.no_progress_timeout_s; 0 = wait forever
 
     def validate(self, prefix: str = "label_bank") -> None:
         _choice(f"{prefix}.backend", self.backend, ("hf", "vllm"))
@@ -170,6 +188,7 @@ class LabelBankConfig:
         _positive(f"{prefix}.actors", self.actors)
         _positive(f"{prefix}.num_cpus", self.num_cpus, allow_zero=True)
         _positive(f"{prefix}.torch_threads", self.torch_threads)
+        _positive(f"{prefix}.no_progress_timeout_s", self.no_progress_timeout_s, allow_zero=True)
         _check_device(prefix, self.device, "num_gpus", self.num_gpus)
         if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
             raise ConfigError(
@@ -214,6 +233,9 @@ class TrainConfig:
     max_failures: int = 1
     checkpoint_every_steps: int = 0  # 0 = once per epoch
     seed: int = 0
+    # Fail the run when no worker completes an optimizer step for this long (the first one
+    # included, so workers that are never placed count). 0 = wait forever.
+    no_progress_timeout_s: float = 1800.0
 
     def validate(self, prefix: str = "train") -> None:
         _choice(f"{prefix}.loss", self.loss, ("bce", "asl"))
@@ -226,6 +248,7 @@ class TrainConfig:
         _positive(f"{prefix}.grad_accum", self.grad_accum)
         _positive(f"{prefix}.lr", self.lr)
         _positive(f"{prefix}.attribute_refresh_steps", self.attribute_refresh_steps)
+        _positive(f"{prefix}.no_progress_timeout_s", self.no_progress_timeout_s, allow_zero=True)
         if not 0.0 <= self.patch_alpha <= 1.0:
             raise ConfigError(f"{prefix}.patch_alpha: must be in [0, 1], got {self.patch_alpha!r}")
 

@@ -1,4 +1,5 @@
-"""Bounded frame sampling with PyAV: T frames at the centres of T equal segments of a video.
+"""Bounded frame sampling with PyAV: T frames at the centres of T equal segments of a video, or
+of each of its windows (`sample_segments`, for tags per segment).
 
 `sample_frames` first demuxes the video stream without decoding it (about 2% of the cost of a
 decode) to learn every frame's presentation time and where the keyframes are. That table gives
@@ -6,6 +7,10 @@ an exact duration for any container or frame rate, and a decode plan: decode str
 no keyframe lies between the current position and the next target, seek when one does. Short
 clips therefore decode in one pass and long ones seek per sample, without a length threshold.
 Only the chosen frames are converted to RGB, resized and centre-cropped by swscale.
+
+Windows (`segment_windows`) are planned together: the T targets of every window form one sorted
+list that one forward pass over the video serves, so no frame is decoded twice and no window
+seeks back; memory is the S x T output frames, at most `max_segments` x T.
 """
 
 from __future__ import annotations
@@ -115,8 +120,27 @@ def sample_frames(
     and wall-clock decode time. Raises VideoDecodeError for anything that is not a readable video
     within the limits. Meta: duration_s, fps, codec, width and height (as displayed), rotation,
     frame_count, frame_times_s (of the sampled frames, from the stream's start), seeks,
-    sampling ("exact", or "keyframe" when video.mode=keyframe could use keyframes), decode_s.
+    decoded_frames (frames the decoder produced), sampling ("exact", or "keyframe" when
+    video.mode=keyframe could use keyframes), decode_s.
     """
+    frames, _, meta = sample_segments(uri, num_frames, size, 0.0, limits, filesystem)
+    return frames[0], meta
+
+
+def sample_segments(
+    uri: str | os.PathLike,
+    num_frames: int,
+    size: int,
+    segment_s: float,
+    limits: VideoConfig | None = None,
+    filesystem: Any = None,
+    max_segments: int = 720,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """`sample_frames` per window of `segment_s` seconds (`segment_windows`; 0 = the whole video
+    is one window): uint8 frames [S, T, size, size, 3], T at the centres of T equal parts of
+    each window, and the windows' bounds float64 [S, 2] (start, end in seconds from the
+    stream's start). All S x T frames come from one forward decode pass (see the module
+    docstring); meta as `sample_frames`'s, frame_times_s for all S x T frames in order."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if size < 1:
@@ -128,23 +152,26 @@ def sample_frames(
         with _container(uri, source) as container:
             stream = _checked_video_stream(uri, container, limits)
             table = _frame_table(uri, container, stream, deadline)
-            duration_s = float((table.end - table.start) * _tick(stream, table))
+            tick = _tick(stream, table)
+            duration_s = float((table.end - table.start) * tick)
         if duration_s > limits.max_duration_s:
             raise VideoDecodeError(_too_long(uri, duration_s, limits))
-        targets = _segment_centres(table, num_frames)
-        keyframes = _nearest_keyframes(table, targets) if limits.mode == "keyframe" else None
+        segment = Fraction(segment_s) / tick if segment_s > 0 else 0
+        windows = segment_windows(table.end - table.start, segment, max_segments)
+        targets, reach = _window_targets(table, windows, num_frames)
+        keyframes = _nearest_keyframes(table, targets, reach) if limits.mode == "keyframe" else None
         with _container(uri, source) as container:
             stream = _configured_stream(container, limits, frame_threads=keyframes is None)
             if keyframes is None:
-                frames, picked, rotation, seeks = _decode_targets(
+                frames, picked, rotation, seeks, decoded = _decode_targets(
                     uri, container, stream, table, targets, size, limits.mode, deadline
                 )
             else:
                 frames, rotation, seeks = _decode_keyframes(
                     uri, container, stream, keyframes, size, deadline
                 )
-                picked = keyframes
-            tick, codec = _tick(stream, table), stream.codec_context.name
+                picked, decoded = keyframes, len(set(keyframes))
+            codec = stream.codec_context.name
             width, height = round(stream.width * _pixel_aspect(stream)), stream.height
     if rotation % 180:
         width, height = height, width
@@ -158,10 +185,34 @@ def sample_frames(
         "frame_count": len(table.times),
         "frame_times_s": [float((t - table.start) * tick) for t in picked],
         "seeks": seeks,
+        "decoded_frames": decoded,
         "sampling": "exact" if keyframes is None else "keyframe",
         "decode_s": deadline.elapsed(),
     }
-    return frames, meta
+    bounds = np.array([[float(a * tick), float(b * tick)] for a, b in windows], np.float64)
+    return frames.reshape(len(windows), num_frames, *frames.shape[1:]), bounds, meta
+
+
+def segment_windows(length: Any, segment: Any, max_segments: int) -> list[tuple[Any, Any]]:
+    """Windows [start, end) that cover [0, length): [k * segment, (k + 1) * segment), any units.
+
+    A remainder of at least half a segment is a window of its own; a shorter one joins the last
+    window (so windows run from half a segment to one and a half). A video up to one and a half
+    segments long, or any video when `segment` is 0, is one window: exactly `sample_frames`.
+    More than `max_segments` windows become `max_segments` equal ones, each longer than
+    `segment`, so a huge video stays bounded and still covered end to end."""
+    if max_segments < 1:
+        raise ValueError(f"max_segments must be >= 1, got {max_segments}")
+    if segment <= 0 or length <= segment:
+        return [(0, length)]
+    count = int(length // segment)
+    if length - count * segment >= Fraction(segment) / 2:
+        count += 1
+    if count > max_segments:
+        step = Fraction(length) / max_segments
+        return [(i * step, (i + 1) * step) for i in range(max_segments)]
+    starts = [i * segment for i in range(count)]
+    return list(zip(starts, [*starts[1:], length], strict=True))
 
 
 def _tick(stream: av.video.stream.VideoStream, table: _FrameTable) -> Fraction:
@@ -406,10 +457,17 @@ def _check_complete(
         )
 
 
-def _segment_centres(table: _FrameTable, num_frames: int) -> list[Fraction]:
-    """Exact times (table units) of the centres of `num_frames` equal segments of the stream."""
-    length = table.end - table.start
-    return [table.start + Fraction((2 * i + 1) * length, 2 * num_frames) for i in range(num_frames)]
+def _window_targets(
+    table: _FrameTable, windows: list[tuple[Any, Any]], num_frames: int
+) -> tuple[list[Fraction], list[Fraction]]:
+    """Exact times (table units, sorted) of the centres of `num_frames` equal parts of each
+    window [start, end) (offsets from the stream's start), and each part's half width."""
+    targets, reach = [], []
+    for start, end in windows:
+        half = Fraction(end - start) / (2 * num_frames)
+        targets += [table.start + start + (2 * i + 1) * half for i in range(num_frames)]
+        reach += [half] * num_frames
+    return targets, reach
 
 
 def _should_seek(mode: str, table: _FrameTable, position: int | None, target: Fraction) -> bool:
@@ -423,15 +481,17 @@ def _should_seek(mode: str, table: _FrameTable, position: int | None, target: Fr
     return i < len(table.keyframes) and table.keyframes[i] <= target
 
 
-def _nearest_keyframes(table: _FrameTable, targets: list[Fraction]) -> list[int] | None:
+def _nearest_keyframes(
+    table: _FrameTable, targets: list[Fraction], reach: list[Fraction]
+) -> list[int] | None:
     """The shown keyframe nearest each target (the earlier one on a tie), or None when one of
-    them is farther than half a segment from its target: too sparse to stand for it."""
+    them is farther than its `reach` (half its segment) from its target: too sparse to stand for
+    it. Within reach, a keyframe stays inside the target's segment and so inside its window."""
     shown = [k for k in table.keyframes if k >= table.start] if table.has_pts else []
     if not shown:
         return None
-    tolerance = Fraction(table.end - table.start, 2 * len(targets))
     chosen = []
-    for target in targets:
+    for target, tolerance in zip(targets, reach, strict=True):
         i = bisect.bisect_left(shown, target)
         nearest = min(shown[max(i - 1, 0) : i + 1], key=lambda k: abs(k - target))
         if abs(nearest - target) > tolerance:
@@ -490,14 +550,16 @@ def _decode_targets(
     size: int,
     mode: str,
     deadline: _Deadline,
-) -> tuple[np.ndarray, list[int], int, int]:
-    """For each target, the frame displayed at that time (the last one starting at or before it).
+) -> tuple[np.ndarray, list[int], int, int, int]:
+    """For each target (sorted), the frame displayed at that time (the last one starting at or
+    before it), in one forward pass: seeks only ever skip ahead.
 
-    Returns the frames, their times, the rotation in degrees and the number of seeks.
+    Returns the frames, their times, the rotation in degrees, the number of seeks and the number
+    of frames decoded.
     """
     out = np.empty((len(targets), size, size, 3), np.uint8)
     picked: list[int] = []
-    rotation = seeks = 0
+    rotation = seeks = decoded = 0
     position: int | None = None
     pixel_aspect = _pixel_aspect(stream)
     while len(picked) < len(targets):
@@ -510,6 +572,7 @@ def _decode_targets(
         cached: tuple[Any, np.ndarray] | None = None
         for ordinal, frame in enumerate(container.decode(stream)):
             deadline.check()
+            decoded += 1
             t = frame.pts if table.has_pts and frame.pts is not None else ordinal
             while len(picked) < len(targets) and t > targets[len(picked)]:
                 # An overshooting seek leaves no earlier frame: the nearest one is this.
@@ -532,7 +595,7 @@ def _decode_targets(
             rotation = _upright_degrees(prev)
             out[len(picked) :] = _square_rgb(prev, size, rotation, pixel_aspect)
             picked += [prev_time] * (len(targets) - len(picked))
-    return out, picked, rotation, seeks
+    return out, picked, rotation, seeks, decoded
 
 
 def _pixel_aspect(stream: av.video.stream.VideoStream) -> Fraction:

@@ -7,6 +7,10 @@
 It never raises for bad input. A video that cannot be sampled (missing, corrupt, truncated, not
 a video, over the limits, a scheme outside the allow-list) gets `error` set and all-zero
 frames, so every block keeps one fixed tensor shape; consumers must ignore frames of error rows.
+With `segment_s` > 0 frames are [S, T, size, size, 3] per window (`sample_segments`; S varies
+per row: Ray Data batches such rows as a variable-shaped tensor column) and `segment_bounds`
+float64 [S, 2] holds each window's start and end in seconds; an error row has S = 1 all-zero
+frames and bounds of shape [0, 2].
 `error_kind` says whether trying the same file again may help: "transient" (a read failed or
 stalled, time ran out, anything unexpected) or "permanent" (the file is the problem).
 """
@@ -19,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ovml_core.config import VideoConfig
-from ovml_core.video import VideoDecodeError, sample_frames
+from ovml_core.video import VideoDecodeError, sample_segments
 from pipeline.manifest import Filesystems, check_scheme, resolve, uri_scheme
 
 # Columns decode_video adds to a manifest row.
@@ -34,33 +38,38 @@ def decode_video(
     limits: VideoConfig | None = None,
     allowed_schemes: Iterable[str] = ("file", "s3", "gs"),
     filesystems: Filesystems | None = None,
+    segment_s: float = 0.0,
+    max_segments: int = 720,
 ) -> dict[str, Any]:
-    """`row` (with `uri`) plus frames uint8 [T, size, size, 3], num_frames (in the video),
-    duration_s and error (None when the frames are valid)."""
+    """`row` (with `uri`) plus frames uint8 [T, size, size, 3] ([S, T, size, size, 3] and
+    segment_bounds with `segment_s` > 0), num_frames (in the video), duration_s and error (None
+    when the frames are valid)."""
     uri = row.get("uri") or ""
+    windows = {"segment_s": segment_s, "max_segments": max_segments}
     try:
         if not uri:
             raise ValueError("empty uri")
         check_scheme(uri, allowed_schemes)
-        frames, meta = _sample(uri, num_frames, size, limits, filesystems)
+        frames, bounds, meta = _sample(uri, num_frames, size, limits, filesystems, windows)
     # Untrusted input: whatever goes wrong with one video becomes that video's error row.
     except Exception as err:  # noqa: BLE001
-        return {
-            **row,
-            "frames": np.zeros((num_frames, size, size, 3), np.uint8),
+        frames, bounds = np.zeros((1, num_frames, size, size, 3), np.uint8), np.zeros((0, 2))
+        out = {
             "num_frames": None,
             "duration_s": None,
             "error": f"{type(err).__name__}: {err}",
             "error_kind": error_kind(err),
         }
-    return {
-        **row,
-        "frames": frames,
-        "num_frames": meta["frame_count"],
-        "duration_s": meta["duration_s"],
-        "error": None,
-        "error_kind": None,
-    }
+    else:
+        out = {
+            "num_frames": meta["frame_count"],
+            "duration_s": meta["duration_s"],
+            "error": None,
+            "error_kind": None,
+        }
+    if segment_s > 0:
+        return {**row, "frames": frames, "segment_bounds": bounds, **out}
+    return {**row, "frames": frames[0], **out}
 
 
 def error_kind(err: Exception) -> str:
@@ -77,8 +86,9 @@ def _sample(
     size: int,
     limits: VideoConfig | None,
     filesystems: Filesystems | None,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    if uri_scheme(uri) == "file":
-        return sample_frames(uri, num_frames, size, limits)  # PyAV reads local files directly
+    windows: dict[str, Any],
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    if uri_scheme(uri) == "file":  # PyAV reads local files directly
+        return sample_segments(uri, num_frames, size, limits=limits, **windows)
     fs, path = resolve(uri, filesystems)
-    return sample_frames(path, num_frames, size, limits, filesystem=fs)
+    return sample_segments(path, num_frames, size, limits=limits, filesystem=fs, **windows)

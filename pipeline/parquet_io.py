@@ -61,14 +61,29 @@ INDEX_COLUMNS = [
     "vocabulary_fingerprint",
     "source_size",
     "source_mtime",
+    "segment_s",
     "run_id",
 ]
 READ_ATTEMPTS = 5  # listings tried when part files vanish under a reader (a compaction)
 
 
+def segments_type(embedding_dim: int | None = None) -> pa.DataType:
+    """list<struct<start_s, end_s, tags, top_k[, embedding]>>: a video's windows (seconds from
+    the stream's start) with their own tags and, when embeddings are emitted, embedding."""
+    fields = [
+        pa.field("start_s", pa.float64()),
+        pa.field("end_s", pa.float64()),
+        pa.field("tags", TAG_LIST),
+        pa.field("top_k", TAG_LIST),
+    ]
+    if embedding_dim:
+        fields.append(pa.field("embedding", pa.list_(EMBEDDING_TYPE, embedding_dim)))
+    return pa.list_(pa.field("element", pa.struct(fields)))
+
+
 def tags_schema(embedding_dim: int | None = None) -> pa.Schema:
     """Tags output; `embedding` (fixed_size_list<float16>[D], null for error rows) only when
-    embeddings are emitted."""
+    embeddings are emitted (in `segments` too)."""
     fields = [
         pa.field("video_id", pa.string(), nullable=False),
         pa.field("uri", pa.string(), nullable=False),
@@ -78,6 +93,9 @@ def tags_schema(embedding_dim: int | None = None) -> pa.Schema:
     if embedding_dim:
         fields.append(pa.field("embedding", pa.list_(EMBEDDING_TYPE, embedding_dim)))
     fields += [
+        # per window with tag.segment_s > 0 (tags = max over them), else null; null for errors
+        pa.field("segments", segments_type(embedding_dim)),
+        pa.field("segment_s", pa.float64()),  # tag.segment_s it was encoded with; 0 = off
         pa.field("num_frames", pa.int32()),  # frames in the video stream
         pa.field("duration_s", pa.float64()),
         pa.field("error", pa.string()),  # null when the video was tagged

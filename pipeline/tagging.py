@@ -9,6 +9,10 @@
                          to the device from pinned memory and are preprocessed there)
     re-score:
       stored rows -> rescore_batch (Ray tasks: stored embedding x label bank, no decode)
+    With tag.segment_s > 0 each video is S windows (`ovml_core.video.segment_windows`) of one
+    clip each: decode gives [S, T, S, S, 3], the encoder sees the batch's windows as clips, and
+    rows carry `segments` (their tags and embeddings; the video's tags are the max over them,
+    `pipeline.segments`); re-scoring re-scores the stored segment embeddings too.
     both -> PartFileDatasink (atomic part files of this run in the output directory)
 
 Nightly semantics, per video of the manifest, against its current row (`parquet_io.read_tags`):
@@ -16,6 +20,7 @@ no row, an error row (retried by default, `tag.retry_errors`), another model's r
 another file (uri, size or mtime differ) -> decode + encode; the same model and file but another
 `vocabulary_fingerprint` (labels, threshold, top_k) -> re-scored from the stored embedding;
 otherwise skipped. So after any run every current row is scored against that run's vocabulary.
+A row encoded with another tag.segment_s is encoded again (its segments would differ).
 Rows without an embedding (tag.emit_embedding off, or written by older versions) are encoded
 again instead of re-scored. A new row supersedes the old one because it belongs to a later run.
 A run killed half-way leaves only complete part files; the next run does the rest.
@@ -56,8 +61,16 @@ from pipeline.parquet_io import (
     read_tags,
     tags_schema,
 )
+from pipeline.progress import EXIT_NO_PROGRESS, NoProgressError, watch_plan
 from pipeline.remote_checkpoint import local_checkpoint
 from pipeline.resources import actor_device, gpus_per_actor
+from pipeline.segments import (
+    max_per_video,
+    mean_embedding,
+    segments_array,
+    stored_embeddings,
+    stored_segments,
+)
 from pipeline.stage_meter import (
     StageMeter,
     StageReport,
@@ -230,17 +243,29 @@ class VideoTagger:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _host_batch(self, frames: np.ndarray, ok: np.ndarray) -> torch.Tensor:
-        """The valid clips, uint8, gathered straight into pinned memory on CUDA so the copy to
-        the device runs async; padded to tag.batch_size when compiled (one graph, no
-        recompiles for short batches)."""
-        n = int(ok.sum())
+    def _host_batch(self, clips: list[np.ndarray]) -> torch.Tensor:
+        """`clips` (uint8 [T, H, W, 3] each), gathered straight into pinned memory on CUDA so
+        the copy to the device runs async; padded to tag.batch_size when compiled (one graph,
+        no recompiles for short batches)."""
+        n = len(clips)
         rows = max(n, self.tag.batch_size) if self.tag.compile else n
         pinned = self.device == "cuda"
-        host = torch.empty((rows, *frames.shape[1:]), dtype=torch.uint8, pin_memory=pinned)
-        np.compress(ok, frames, axis=0, out=host.numpy()[:n])
+        host = torch.empty((rows, *clips[0].shape), dtype=torch.uint8, pin_memory=pinned)
+        np.stack(clips, out=host.numpy()[:n])
         host[n:] = 0
         return host
+
+    def _encode(self, frames: np.ndarray, counts: np.ndarray) -> torch.Tensor:
+        """float32 [N, D], as stored: the embeddings of the first counts[i] clips of each row i,
+        in row order, tag.batch_size clips per forward pass (long videos bring many)."""
+        clips = [c for row, n in zip(frames, counts, strict=True) if n for c in _clips(row)[:n]]
+        size, out = self.tag.batch_size, []
+        for start in range(0, len(clips), size):
+            chunk = clips[start : start + size]
+            with self._autocast():
+                video = self.model.encode_video(self._host_batch(chunk))
+            out.append(as_stored(video[: len(chunk)].float()))
+        return torch.cat(out)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         started = time.perf_counter()
@@ -262,21 +287,29 @@ class VideoTagger:
         errors = [e if isinstance(e, str) else None for e in batch["error"]]
         ok = np.array([e is None for e in errors], dtype=bool)
         rows = len(ok)
+        # Clips per row: its windows (one without tag.segment_s), none for an error row.
+        frames = batch["frames"]
+        counts = np.array([len(_clips(f)) if k else 0 for f, k in zip(frames, ok, strict=True)])
         tags = top_k = pa.nulls(rows, TAG_LIST)
+        segments = pa.nulls(rows, self.schema.field("segments").type)
         embeddings = np.zeros((rows, self.label_embeddings.shape[1]), np.float16)
         if ok.any():
             with torch.inference_mode():
-                with self._autocast():
-                    video = self.model.encode_video(self._host_batch(batch["frames"], ok))
+                clips = self._encode(frames, counts)
                 # Scores in float32 (bf16 would blur probabilities near the threshold), from
                 # the embedding as stored.
-                video = as_stored(video[: int(ok.sum())].float())
-                probabilities = self.model.score(video, self.label_embeddings)
+                probabilities = self.model.score(clips, self.label_embeddings).cpu().numpy()
+            clips = clips.cpu().numpy()
             ranked = rank_tags(
-                probabilities.cpu().numpy(), self.labels, self.tag.threshold, self.tag.top_k
+                max_per_video(probabilities, counts[ok]),
+                self.labels,
+                self.tag.threshold,
+                self.tag.top_k,
             )
             tags, top_k = (_scatter(column, ok) for column in ranked)
-            embeddings[ok] = video.cpu().numpy()
+            embeddings[ok] = mean_embedding(clips, counts[ok])
+            if self.tag.segment_s > 0:
+                segments = self._segments(batch["segment_bounds"], counts, probabilities, clips)
         columns = {
             "video_id": batch["video_id"].tolist(),
             "uri": batch["uri"].tolist(),
@@ -288,6 +321,8 @@ class VideoTagger:
             "error_kind": _optional(batch["error_kind"], str),
             "model_fingerprint": [self.fingerprint] * rows,
             "vocabulary_fingerprint": [self.vocabulary_fingerprint] * rows,
+            "segments": segments,
+            "segment_s": [float(self.tag.segment_s)] * rows,
             "source_size": _optional(batch["source_size"], int),
             "source_mtime": _optional(batch["source_mtime"], str),
             "run_id": [self.run_id] * rows,
@@ -298,6 +333,25 @@ class VideoTagger:
                 pa.array(embeddings.reshape(-1)), dim, mask=pa.array(~ok)
             )
         return pa.table({name: columns[name] for name in self.schema.names}, schema=self.schema)
+
+    def _segments(
+        self, bounds: np.ndarray, counts: np.ndarray, probabilities: np.ndarray, clips: np.ndarray
+    ) -> pa.ListArray:
+        """The `segments` column: each window's bounds, tags, top_k and stored embedding."""
+        kept = [
+            np.asarray(b, np.float64).reshape(-1, 2)
+            for b, n in zip(bounds, counts, strict=True)
+            if n
+        ]
+        ranked = rank_tags(probabilities, self.labels, self.tag.threshold, self.tag.top_k)
+        kind = self.schema.field("segments").type
+        return segments_array(counts, np.concatenate(kept), *ranked, clips, kind)
+
+
+def _clips(frames: np.ndarray) -> np.ndarray:
+    """A decoded row's frames as clips [S, T, H, W, 3] ([T, H, W, 3] is one clip)."""
+    frames = np.asarray(frames)
+    return frames.reshape(-1, *frames.shape[-4:])
 
 
 def _scatter(values: pa.Array, ok: np.ndarray) -> pa.Array:
@@ -335,14 +389,16 @@ def pending_videos(
     vocabulary: str,
     *,
     retry_errors: bool = True,
+    segment_s: float = 0.0,
 ) -> Pending:
     """Sort the manifest's videos by what they need from the model with `fingerprint` and the
     vocabulary with fingerprint `vocabulary`.
 
     `manifest` has video_id, uri, source_size, source_mtime; `current` the output's current
     rows (INDEX_COLUMNS). A video is encoded when it has no current row, an error row (with
-    retry_errors; a permanent error only once its file changed), another model's row, or a row
-    for another file (uri, size or mtime differ, or unknown: rows of older versions).
+    retry_errors; a permanent error only once its file changed), another model's row, a row
+    encoded with another tag.segment_s (rows of older versions count as 0, off), or a row for
+    another file (uri, size or mtime differ, or unknown: rows of older versions).
     Otherwise it is re-scored when its vocabulary differs, and skipped when not.
     """
     stored = {}
@@ -355,7 +411,12 @@ def pending_videos(
         if row is not None and row["error"] is not None:
             permanent = row["error_kind"] == "permanent" and _same_file(row, video)
             need = "encode" if retry_errors and not permanent else "skip"
-        elif row is None or row["model_fingerprint"] != fingerprint or not _same_file(row, video):
+        elif (
+            row is None
+            or row["model_fingerprint"] != fingerprint
+            or (row.get("segment_s") or 0.0) != segment_s
+            or not _same_file(row, video)
+        ):
             need = "encode"
         else:
             need = "skip" if row["vocabulary_fingerprint"] == vocabulary else "rescore"
@@ -403,22 +464,35 @@ def rescore_batch(
     schema: pa.Schema,
 ) -> pa.Table:
     """Stored rows with new tags, top_k, vocabulary_fingerprint and run_id: a matrix product
-    with the label bank, no video decoded. Everything else (embedding, num_frames, source_*)
-    is carried over."""
+    with the label bank, no video decoded. Stored segments are re-scored the same way, and a
+    row's tags are then the max over its segments, as when it was encoded. Everything else
+    (embedding, segment bounds and embeddings, num_frames, source_*) is carried over."""
     dim = label_embeddings.shape[1]
+    bank = torch.from_numpy(label_embeddings)
     stored = batch["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
     video = torch.from_numpy(stored.astype(np.float32).reshape(-1, dim))
     with torch.inference_mode():
-        probabilities = head.score(video, torch.from_numpy(label_embeddings)).numpy()
-    tags, top_k = rank_tags(probabilities, labels, tag.threshold, tag.top_k)
+        probabilities = head.score(video, bank).numpy()
     rows = batch.num_rows
     new = {
-        "tags": tags,
-        "top_k": top_k,
         "vocabulary_fingerprint": pa.array([vocabulary_fingerprint] * rows, pa.string()),
         "run_id": pa.array([run_id] * rows, pa.string()),
     }
-    columns = [new[name] if name in new else batch[name] for name in schema.names]
+    if "segments" in schema.names and "segments" in batch.column_names:
+        counts, bounds, values = stored_segments(batch["segments"])
+        if counts.any():
+            clips = stored_embeddings(values, dim)
+            with torch.inference_mode():
+                clip_probabilities = head.score(torch.from_numpy(clips), bank).numpy()
+            has = counts > 0
+            probabilities[has] = max_per_video(clip_probabilities, counts[has])
+            ranked = rank_tags(clip_probabilities, labels, tag.threshold, tag.top_k)
+            kind = schema.field("segments").type
+            new["segments"] = segments_array(counts, bounds, *ranked, clips, kind)
+    new["tags"], new["top_k"] = rank_tags(probabilities, labels, tag.threshold, tag.top_k)
+    old = dict(zip(batch.column_names, batch.columns, strict=True))
+    # Columns the stored rows predate (segments, segment_s of older versions) stay null.
+    columns = [new.get(f.name, old.get(f.name, pa.nulls(rows, f.type))) for f in schema]
     return pa.Table.from_arrays(columns, names=schema.names).cast(schema)
 
 
@@ -483,6 +557,8 @@ def build_plan(
                 "limits": cfg.video,
                 "allowed_schemes": tag.allowed_schemes,
                 "filesystems": filesystems,
+                "segment_s": tag.segment_s,
+                "max_segments": tag.max_segments,
             },
             num_cpus=tag.decode_num_cpus,
             # Fresh decode workers now and then bound what FFmpeg may leak on untrusted input.
@@ -627,7 +703,12 @@ def run_tagging(
 
     current = None if full else read_tags(out, columns=INDEX_COLUMNS, filesystems=filesystems)
     pending = pending_videos(
-        table, current, facts.fingerprint, vocabulary, retry_errors=tag.retry_errors
+        table,
+        current,
+        facts.fingerprint,
+        vocabulary,
+        retry_errors=tag.retry_errors,
+        segment_s=tag.segment_s,
     )
     rescore, unscorable = (
         stored_rows(out, pending.rescore, filesystems) if pending.rescore else (None, [])
@@ -712,6 +793,9 @@ def _write(
         rows_per_file=tag.rows_per_file,
         filesystems=filesystems,
     )
+    # Stalled for tag.no_progress_timeout_s: Ray Data stops the plan and NoProgressError rises.
+    what = "the tagging plan (decode, encode, part-file writes)"
+    watch_plan(plan, "tag.no_progress_timeout_s", tag.no_progress_timeout_s, what)
     plan.write_datasink(sink)
     summary.parts += sink.written
     fs, _ = resolve(summary.out, filesystems)
@@ -770,5 +854,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, VocabularyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except NoProgressError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NO_PROGRESS
     print(summary.format())
     return summary.exit_code()

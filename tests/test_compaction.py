@@ -72,6 +72,8 @@ def _rows(ids: list[str], run_id: str, rng: np.random.Generator, dim: int) -> pa
             "tags": tags,
             "top_k": tags,
             "embedding": pc.if_else(valid, embeddings, pa.nulls(n, embeddings.type)),
+            "segments": [None] * n,  # tag.segment_s off
+            "segment_s": [0.0] * n,
             "num_frames": [None if e else 90 for e in errors],
             "duration_s": [None if e else 3.0 for e in errors],
             "error": errors,

@@ -90,8 +90,9 @@ def test_exit_code_is_1_only_when_every_video_of_the_manifest_failed():
 
 def _index(rows, error_kinds=None):
     """INDEX_COLUMNS rows: (video_id, uri, error, model, vocabulary, size, mtime, run_id), and
-    `error_kinds` (default null, as in rows written before error kinds existed)."""
-    names = [c for c in INDEX_COLUMNS if c != "error_kind"]
+    `error_kinds` (default null, as in rows written before error kinds existed); without
+    segment_s, as rows written before segments existed."""
+    names = [c for c in INDEX_COLUMNS if c not in ("error_kind", "segment_s")]
     table = pa.table(dict(zip(names, zip(*rows, strict=True), strict=True)))
     kinds = pa.array(error_kinds or [None] * len(rows), pa.string())
     return table.add_column(INDEX_COLUMNS.index("error_kind"), "error_kind", kinds)
