@@ -386,7 +386,8 @@ def test_cluster_yaml_names_the_pinned_ray_and_existing_jobs():
     text = (REPO / "cluster.yaml").read_text()
     cluster = yaml.safe_load(text)
     images = [v for k, v in cluster["docker"].items() if k.endswith("image")]
-    assert images == [f"rayproject/ray:{_ray_version()}-py311-gpu"]
+    # The one image deploy/Dockerfile builds on the pinned Ray (tests/test_deploy.py checks it).
+    assert images == [f"REGISTRY/ovml:ray{_ray_version()}-py311-gpu"]
     types = cluster["available_node_types"]
     head = types[cluster["head_node_type"]]
     assert head["resources"].get("GPU", 0) == 0
@@ -401,8 +402,6 @@ def test_cluster_yaml_names_the_pinned_ray_and_existing_jobs():
     )
     for node_type in gpu_types + cpu_workers:  # autoscaling: from none to a few
         assert 0 == node_type["min_workers"] < node_type["max_workers"] <= cluster["max_workers"]
-    mounted = [remote for remote, local in cluster["file_mounts"].items() if local == "."]
-    assert any("pip install" in c and mounted[0] in c for c in cluster["setup_commands"])
     _assert_jobs_exist(text)
 
 
