@@ -98,10 +98,13 @@ class VideoConfig:
     # keyframe: the keyframe nearest each sampled time, decoded alone (no decode forward from
     # it); a video whose keyframes are too sparse for that (one farther than half a segment
     # from its time) is sampled exactly, as in auto.
-    mode: str = "auto"  # auto | sequential | seek | keyframe
+    # cheapest: per video, keyframe where keyframes are dense enough and predicted (from the
+    # demuxed frame table) at least 2x cheaper, on videos of 30 s and more; exact (auto) else.
+    mode: str = "auto"  # auto | sequential | seek | keyframe | cheapest
 
     def validate(self, prefix: str = "video") -> None:
-        _choice(f"{prefix}.mode", self.mode, ("auto", "sequential", "seek", "keyframe"))
+        modes = ("auto", "sequential", "seek", "keyframe", "cheapest")
+        _choice(f"{prefix}.mode", self.mode, modes)
         _positive(f"{prefix}.max_pixels", self.max_pixels)
         _positive(f"{prefix}.max_duration_s", self.max_duration_s)
         _positive(f"{prefix}.max_decode_s", self.max_decode_s)

@@ -121,7 +121,7 @@ def sample_frames(
     within the limits. Meta: duration_s, fps, codec, width and height (as displayed), rotation,
     frame_count, frame_times_s (of the sampled frames, from the stream's start), seeks,
     decoded_frames (frames the decoder produced), sampling ("exact", or "keyframe" when
-    video.mode=keyframe could use keyframes), decode_s.
+    video.mode keyframe or cheapest used keyframes), decode_s.
     """
     frames, _, meta = sample_segments(uri, num_frames, size, 0.0, limits, filesystem)
     return frames[0], meta
@@ -159,7 +159,7 @@ def sample_segments(
         segment = Fraction(segment_s) / tick if segment_s > 0 else 0
         windows = segment_windows(table.end - table.start, segment, max_segments)
         targets, reach = _window_targets(table, windows, num_frames)
-        keyframes = _nearest_keyframes(table, targets, reach) if limits.mode == "keyframe" else None
+        keyframes = _keyframe_plan(table, targets, reach, limits.mode, duration_s)
         with _container(uri, source) as container:
             stream = _configured_stream(container, limits, frame_threads=keyframes is None)
             if keyframes is None:
@@ -479,6 +479,71 @@ def _should_seek(mode: str, table: _FrameTable, position: int | None, target: Fr
     after = table.start if position is None else position
     i = bisect.bisect_right(table.keyframes, after)
     return i < len(table.keyframes) and table.keyframes[i] <= target
+
+
+# video.mode=cheapest: a video shorter than this stays exact (little to save, and a keyframe
+# may stand half a segment away from its time).
+CHEAPEST_MIN_S = 30.0
+# Predicted decode cost, in units of one frame decoded on in sequence: a keyframe costs more (an
+# intra frame, several times a predicted one, and a seek and decoder flush before it when alone);
+# converting a sampled frame to RGB costs both plans alike. Resolution scales both plans alike,
+# so frame counts decide. Fitted to bench/bench_decode.py's 720p/1080p h264 25 fps clips (the
+# predicted exact/keyframe cost ratios 1.55, 1.42 and 4.39 vs measured 1.55-1.58, 1.37-1.42 and
+# 4.07-4.20 at 10 s GOP 30, 60-300 s GOP 30 and 300 s GOP 250; BENCHMARKS.md, keyframe section).
+KEYFRAME_COST = 25.0
+CONVERT_COST = 12.0
+# cheapest uses keyframes only when the prediction says they cost at most 1/margin of exact.
+CHEAPEST_MARGIN = 2.0
+
+
+def _keyframe_plan(
+    table: _FrameTable,
+    targets: list[Fraction],
+    reach: list[Fraction],
+    mode: str,
+    duration_s: float,
+) -> list[int] | None:
+    """The keyframes to decode alone (one per target), or None to sample exactly: mode
+    keyframe whenever keyframes are dense enough (`_nearest_keyframes`); mode cheapest only
+    when, in addition, the video is at least CHEAPEST_MIN_S long and `predicted_costs` says
+    keyframes are CHEAPEST_MARGIN times cheaper."""
+    if mode not in ("keyframe", "cheapest"):
+        return None
+    if mode == "cheapest" and duration_s < CHEAPEST_MIN_S:
+        return None
+    keyframes = _nearest_keyframes(table, targets, reach)
+    if mode == "keyframe" or keyframes is None:
+        return keyframes
+    exact, alone = predicted_costs(table, targets, keyframes)
+    return keyframes if alone * CHEAPEST_MARGIN <= exact else None
+
+
+def predicted_costs(
+    table: _FrameTable, targets: list[Fraction], keyframes: list[int]
+) -> tuple[float, float]:
+    """Predicted decode cost (frame units, see KEYFRAME_COST) of sampling `targets`
+    exactly, as `_decode_targets` plans it in mode auto, and of decoding `keyframes` alone.
+
+    From the demuxed frame table only: exact decodes every frame from where it stands (or from
+    the keyframe it seeks to) up to the first frame past each target."""
+    is_key = set(table.keyframes)
+    frames = keys = 0
+    position: int | None = None  # time of the last frame decoded
+    next_index = 0  # index in table.times of the next frame the decoder would produce
+    for target in targets:
+        if _should_seek("auto", table, position, target):
+            seek_to = table.keyframes[bisect.bisect_right(table.keyframes, target) - 1]
+            next_index = bisect.bisect_left(table.times, seek_to)
+        # Frames up to the first one past the target (which resolves it), or to the end.
+        stop = min(bisect.bisect_right(table.times, target) + 1, len(table.times))
+        if stop > next_index:
+            run = table.times[next_index:stop]
+            frames += len(run)
+            keys += sum(t in is_key for t in run)
+            next_index, position = stop, run[-1]
+    common = len(targets) * CONVERT_COST
+    exact = frames - keys + keys * KEYFRAME_COST + common
+    return exact, len(set(keyframes)) * KEYFRAME_COST + common
 
 
 def _nearest_keyframes(
