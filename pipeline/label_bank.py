@@ -33,6 +33,7 @@ from ovml_core.vocabulary import VocabularyError
 from pipeline.cli import job_parser, log_to_console
 from pipeline.manifest import Filesystems, resolve
 from pipeline.parquet_io import label_bank_schema, write_parquet_atomic
+from pipeline.progress import EXIT_NO_PROGRESS, NoProgressError, watch_plan
 from pipeline.resources import actor_device, gpus_per_actor
 from pipeline.tagging import ModelSource
 
@@ -159,6 +160,8 @@ def compute_rows(
         num_cpus=settings.num_cpus,
         num_gpus=num_gpus,
     )
+    field, what = "label_bank.no_progress_timeout_s", "the label bank's actors to embed labels"
+    watch_plan(rows, field, settings.no_progress_timeout_s, what)
     tables = [t for t in ray.get(rows.to_arrow_refs()) if t.num_rows]
     return pa.concat_tables(tables) if tables else None
 
@@ -248,5 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, VocabularyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except NoProgressError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NO_PROGRESS
     print(summary.format())
     return EXIT_OK

@@ -72,6 +72,13 @@ from ovml_core.model import OVMLModel, create_model
 from pipeline.cli import job_parser, log_to_console
 from pipeline.manifest import resolve
 from pipeline.parquet_io import atomic_output, write_text_atomic
+from pipeline.progress import (
+    EXIT_NO_PROGRESS,
+    NoProgressError,
+    Stall,
+    fit_watched,
+    step_counter,
+)
 from pipeline.resources import check_training_fits
 from pipeline.training_data import plan_training
 
@@ -121,6 +128,7 @@ class WorkerRun:
         )
         self.meter = _Meter(self.device)
         self.shard = ray.train.get_dataset_shard("train")
+        self.step_counter = loop_config.get("step_counter")  # the driver's progress watch
         has_val = "val" in loop_config["datasets"]
         self.val = ray.train.get_dataset_shard("val") if has_val else None
 
@@ -169,6 +177,8 @@ class WorkerRun:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.step, self.progress.batches_done = self.progress.step + 1, index + 1
+        if self.step_counter is not None:
+            self.step_counter.step.remote()  # not waited for
         if last or self.progress.step % self.train.attribute_refresh_steps == 0:
             self.regenerate_attributes()
 
@@ -327,9 +337,12 @@ def run_folder(cfg: Config) -> str:
 
 
 def build_trainer(
-    cfg: Config, train_loop: Callable[[dict[str, Any]], None] = train_loop_per_worker
+    cfg: Config,
+    train_loop: Callable[[dict[str, Any]], None] = train_loop_per_worker,
+    step_counter: ray.actor.ActorHandle | None = None,
 ) -> ray.train.torch.TorchTrainer:
-    """The TorchTrainer for `cfg`; the same `train.storage_path` + `train.name` resumes."""
+    """The TorchTrainer for `cfg`; the same `train.storage_path` + `train.name` resumes. With a
+    `pipeline.progress.StepCounter`, workers count their steps on it for `fit_watched`."""
     cfg = with_absolute_clip_weights(cfg)
     train = cfg.train
     check_regularizers(cfg.model, train)
@@ -356,6 +369,7 @@ def build_trainer(
             "steps_per_epoch": plan.steps_per_epoch,
             "datasets": sorted(plan.datasets),
             "run_dir": run_dir,
+            "step_counter": step_counter,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=train.num_workers,
@@ -409,9 +423,18 @@ def checkpoint_uri(checkpoint: ray.train.Checkpoint) -> str:
 
 
 def run_training(cfg: Config) -> ray.train.Result:
+    """Train `cfg`; stopped with `NoProgressError` when no optimizer step completes for
+    train.no_progress_timeout_s (workers never placed, data never decoded, a hung step)."""
     if not ray.is_initialized():
         _init_ray(cfg.train.num_workers)
-    return build_trainer(cfg).fit()
+    train = cfg.train
+    counter = step_counter()
+    what = f"an optimizer step of the {train.num_workers} training workers"
+    stall = Stall("train.no_progress_timeout_s", train.no_progress_timeout_s, what)
+    try:
+        return fit_watched(lambda: build_trainer(cfg, step_counter=counter), counter, stall)
+    finally:
+        ray.kill(counter)
 
 
 def _init_ray(num_workers: int) -> None:
@@ -445,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     except ray.train.TrainingFailedError as err:
         print(f"error: training failed; rerun the same command to resume: {err}", file=sys.stderr)
         return EXIT_FAILED
+    except NoProgressError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NO_PROGRESS
     print(f"run: {result.path}")
     if result.checkpoint is not None:
         print(f"exported model (tag with it): {run_folder(cfg)}/{MODEL_DIR}")
