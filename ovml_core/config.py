@@ -84,6 +84,21 @@ class ModelConfig:
         return Config.from_yaml(path).model
 
 
+def torchcodec_decoder(name: str = "video.decoder") -> Any:
+    """torchcodec's VideoDecoder class, or a ConfigError naming `name` when torchcodec or the
+    FFmpeg shared libraries it loads are missing."""
+    try:
+        from torchcodec.decoders import VideoDecoder
+    except (ImportError, RuntimeError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"{name}: 'torchcodec' is not usable here ({reason}); install it with "
+            "pip install 'ovml[torchcodec]' and FFmpeg's shared libraries "
+            "(Debian: apt-get install ffmpeg), or use 'pyav'"
+        ) from err
+    return VideoDecoder
+
+
 @dataclass
 class VideoConfig:
     """Decoding limits: untrusted video never decodes unbounded."""
@@ -101,10 +116,17 @@ class VideoConfig:
     # cheapest: per video, keyframe where keyframes are dense enough and predicted (from the
     # demuxed frame table) at least 2x cheaper, on videos of 30 s and more; exact (auto) else.
     mode: str = "auto"  # auto | sequential | seek | keyframe | cheapest
+    # pyav: PyAV's bundled FFmpeg. torchcodec: torchcodec decodes the frames the same plan picks
+    # (optional extra `ovml[torchcodec]`, plus FFmpeg's shared libraries, which it does not ship;
+    # about on par with PyAV on CPU, see BENCHMARKS.md).
+    decoder: str = "pyav"  # pyav | torchcodec
 
     def validate(self, prefix: str = "video") -> None:
         modes = ("auto", "sequential", "seek", "keyframe", "cheapest")
         _choice(f"{prefix}.mode", self.mode, modes)
+        _choice(f"{prefix}.decoder", self.decoder, ("pyav", "torchcodec"))
+        if self.decoder == "torchcodec":
+            torchcodec_decoder(f"{prefix}.decoder")
         _positive(f"{prefix}.max_pixels", self.max_pixels)
         _positive(f"{prefix}.max_duration_s", self.max_duration_s)
         _positive(f"{prefix}.max_decode_s", self.max_decode_s)

@@ -32,7 +32,7 @@ from urllib.parse import unquote, urlparse
 import av
 import numpy as np
 
-from ovml_core.config import VideoConfig
+from ovml_core.config import VideoConfig, torchcodec_decoder
 
 # Remote videos are fetched in reads of this size (for object stores each read is a request).
 _REMOTE_READ_BYTES = 8 << 20
@@ -120,7 +120,7 @@ def sample_frames(
     and wall-clock decode time. Raises VideoDecodeError for anything that is not a readable video
     within the limits. Meta: duration_s, fps, codec, width and height (as displayed), rotation,
     frame_count, frame_times_s (of the sampled frames, from the stream's start), seeks,
-    decoded_frames (frames the decoder produced), sampling ("exact", or "keyframe" when
+    decoded_frames (frames the decoder produced; both None with video.decoder=torchcodec), sampling ("exact", or "keyframe" when
     video.mode keyframe or cheapest used keyframes), decode_s.
     """
     frames, _, meta = sample_segments(uri, num_frames, size, 0.0, limits, filesystem)
@@ -162,7 +162,12 @@ def sample_segments(
         keyframes = _keyframe_plan(table, targets, reach, limits.mode, duration_s)
         with _container(uri, source) as container:
             stream = _configured_stream(container, limits, frame_threads=keyframes is None)
-            if keyframes is None:
+            if limits.decoder == "torchcodec":
+                frames, picked, rotation = _decode_torchcodec(
+                    uri, source, stream, table, tick, keyframes or targets, size, limits, deadline
+                )
+                seeks = decoded = None  # torchcodec plans its own seeks and does not count them
+            elif keyframes is None:
                 frames, picked, rotation, seeks, decoded = _decode_targets(
                     uri, container, stream, table, targets, size, limits.mode, deadline
                 )
@@ -563,6 +568,62 @@ def _nearest_keyframes(
             return None
         chosen.append(nearest)
     return chosen
+
+
+def _decode_torchcodec(
+    uri: str,
+    path: str,
+    stream: av.video.stream.VideoStream,
+    table: _FrameTable,
+    tick: Fraction,
+    times: list[Any],
+    size: int,
+    limits: VideoConfig,
+    deadline: _Deadline,
+) -> tuple[np.ndarray, list[int], int]:
+    """video.decoder=torchcodec: the frame displayed at each of `times` (table units, sorted),
+    decoded by torchcodec one at a time (the deadline is checked between them; torchcodec
+    decodes on without seeking while the next frame is in reach) and resized as PyAV's are.
+
+    Returns the frames, their times (table units) and the rotation torchcodec applied."""
+    video_decoder = torchcodec_decoder()
+    out = np.empty((len(times), size, size, 3), np.uint8)
+    picked: list[int] = []
+    done: dict[int, np.ndarray] = {}
+    try:
+        # Frames are asked for by number in display order, as in our table: torchcodec's
+        # "played at" time lookup picks the next frame when decoded frames carry no duration
+        # (seen with variable frame rate mp4), and numbers need its exact mode's own scan.
+        decoder = video_decoder(
+            path,
+            stream_index=stream.index,
+            seek_mode="exact",
+            num_ffmpeg_threads=limits.decoder_threads,
+            dimension_order="NHWC",
+        )
+        # torchcodec turns frames upright itself; a non-square pixel then lies on the other axis.
+        rotation = round((decoder.metadata.rotation or 0) / 90) % 4 * 90
+        aspect = _pixel_aspect(stream) ** (-1 if rotation % 180 else 1)
+        for i, t in enumerate(times):
+            deadline.check()
+            number = max(bisect.bisect_right(table.times, t) - 1, 0)  # displayed at t
+            if number not in done:
+                frame = decoder.get_frame_at(number)
+                got = round(Fraction(frame.pts_seconds) / tick)
+                if table.has_pts and got != table.times[number]:
+                    raise VideoDecodeError(
+                        f"{uri}: torchcodec's frame {number} is at {frame.pts_seconds:.6f} s, "
+                        f"not at {float(table.times[number] * tick):.6f} s as demuxed"
+                    )
+                image = av.VideoFrame.from_ndarray(
+                    np.ascontiguousarray(frame.data.numpy()), format="rgb24"
+                )
+                done[number] = _square_rgb(image, size, 0, aspect)
+            out[i] = done[number]
+            picked.append(table.times[number])
+    except (RuntimeError, ValueError, IndexError) as err:
+        raise VideoDecodeError(f"{uri}: not a readable video (torchcodec): {err}") from err
+    return out, picked, rotation
 
 
 def _decode_keyframes(
