@@ -9,8 +9,10 @@ uint8 [T, S, S, 3] RGB, shorter side resized to S and centre-cropped:
     tc-approx       the same with seek_mode="approximate" (no scan: seeks from the header)
     tc-approx-tf    approximate, with torchcodec's own Resize + CenterCrop decoder transforms
                     (resized inside FFmpeg before RGB, no full-size RGB frame)
-    tc-via-ovml     ovml_core.video.sample_frames with video.decoder=torchcodec (only when the
-                    option exists): our demux plan, torchcodec's decode
+    tc-via-ovml     ovml_core.video.sample_frames with video.decoder=torchcodec: our demux
+                    plan, torchcodec's decode of those frames by number, our resize
+    tc-nvdec        (--cuda) torchcodec on the GPU (NVDEC), resized there by its decoder
+                    transforms, copied to the host
     pyav-full       PyAV decodes every frame and converts it to RGB (bench_decode's "naive"):
                     the full-decode baseline
 
@@ -22,18 +24,24 @@ absolute pixel difference (0-255; colour conversion and resize order differ slig
 
 Videos: bench_decode's generated panning-noise h264 clips (x264 veryfast, 25 fps), 720p, 10 s
 and 60 s, keyframe interval 30 and 250 frames, cached in --cache-dir. Needs torchcodec and the
-FFmpeg shared libraries it loads (Debian: `apt-get install ffmpeg`; PyAV bundles its own, which
-torchcodec cannot use). Run from the repository root:
+FFmpeg shared libraries it loads (Debian: `apt-get install ffmpeg`), or --pyav-ffmpeg: the
+process restarts itself with LD_LIBRARY_PATH on links, named as torchcodec looks for them, to
+the FFmpeg that PyAV's wheel bundles (for a machine without FFmpeg, such as the GPU machine).
+Run from the repository root:
 
     .venv/bin/python -m bench.bench_torchcodec
     .venv/bin/python -m bench.bench_torchcodec --seconds 10 --gops 30 --rounds 2
+    python -m bench.bench_torchcodec --pyav-ffmpeg --cuda      # on a GPU machine
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -133,11 +141,29 @@ def torchcodec_peer(seek_mode: str, decoder_transforms: bool) -> Callable:
     return peer
 
 
+def torchcodec_cuda(clip: Clip, size: int):
+    from torchcodec.decoders import VideoDecoder
+    from torchcodec.transforms import CenterCrop, Resize
+
+    width, height = clip.video.width, clip.video.height
+    scale = size / min(width, height)
+    scaled = (max(size, round(height * scale)), max(size, round(width * scale)))
+    decoder = VideoDecoder(
+        str(clip.video.path),
+        device="cuda",
+        seek_mode="approximate",
+        dimension_order="NHWC",
+        transforms=[Resize(scaled), CenterCrop((size, size))],
+    )
+    batch = decoder.get_frames_played_at(clip.times_s)
+    return batch.data.cpu().numpy(), batch.pts_seconds.tolist()
+
+
 def pyav_full(clip: Clip, size: int):
     return naive_full_decode(clip.video, size), None
 
 
-def peers(num_frames: int, with_ovml_option: bool) -> dict[str, Callable]:
+def peers(num_frames: int, cuda: bool) -> dict[str, Callable]:
     named = {
         "pyav-exact": pyav_exact(num_frames),
         "tc-exact": torchcodec_peer("exact", False),
@@ -145,8 +171,9 @@ def peers(num_frames: int, with_ovml_option: bool) -> dict[str, Callable]:
         "tc-approx-tf": torchcodec_peer("approximate", True),
         "pyav-full": pyav_full,
     }
-    if with_ovml_option:
-        named["tc-via-ovml"] = via_ovml_torchcodec(num_frames)
+    named["tc-via-ovml"] = via_ovml_torchcodec(num_frames)
+    if cuda:
+        named["tc-nvdec"] = torchcodec_cuda
     return named
 
 
@@ -215,6 +242,23 @@ def report(clips: list[Clip], names: list[str], results: dict) -> None:
         print(f"  {name:<14} diff {mad:6.3f}  time error {error * 1000:7.3f} ms  runs {counts}")
 
 
+def restart_on_pyav_ffmpeg() -> None:
+    """Run this command again with LD_LIBRARY_PATH on links to PyAV's bundled FFmpeg libraries
+    (renamed in the wheel, e.g. libavcodec-5e6b81c2.so.62.28.102 -> libavcodec.so.62)."""
+    if os.environ.get("OVML_PYAV_FFMPEG"):
+        return
+    bundled = Path(av.__file__).parent.parent / "av.libs"
+    links = Path(tempfile.mkdtemp(prefix="ovml-pyav-ffmpeg-"))
+    for lib in bundled.glob("lib*.so*"):
+        name = re.fullmatch(r"(lib(?:av|sw)\w+)-\w+\.so\.(\d+).*", lib.name)
+        if name:
+            (links / f"{name[1]}.so.{name[2]}").symlink_to(lib)
+    # The bundled libraries find each other by their renamed names, in their own folder.
+    paths = [str(links), str(bundled), os.environ.get("LD_LIBRARY_PATH", "")]
+    env = dict(os.environ, OVML_PYAV_FFMPEG="1", LD_LIBRARY_PATH=":".join(p for p in paths if p))
+    os.execve(sys.executable, [sys.executable, "-m", "bench.bench_torchcodec", *sys.argv[1:]], env)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -225,7 +269,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, nargs="+", default=[10, 60])
     parser.add_argument("--gops", type=int, nargs="+", default=[30, 250])
     parser.add_argument("--height", type=int, default=720, help="720 or 1080")
+    parser.add_argument("--cuda", action="store_true", help="add tc-nvdec (torchcodec on CUDA)")
+    parser.add_argument("--pyav-ffmpeg", action="store_true", help="torchcodec on PyAV's FFmpeg")
     args = parser.parse_args()
+    if args.pyav_ffmpeg:
+        restart_on_pyav_ffmpeg()
     import torch
     import torchcodec
 
@@ -234,7 +282,6 @@ def main() -> None:
     width = {720: 1280, 1080: 1920}[args.height]
     specs = [(width, args.height, s, g) for s in args.seconds for g in args.gops]
     paths = generated_videos(args.cache_dir, specs)
-    with_option = "decoder" in VideoConfig.__dataclass_fields__
     print(
         f"PyAV {av.__version__} (libavcodec {'.'.join(map(str, av.library_versions['libavcodec']))}),"
         f" torchcodec {torchcodec.__version__} (FFmpeg {torchcodec.ffmpeg_major_version}), "
@@ -243,7 +290,7 @@ def main() -> None:
         flush=True,
     )
     clips = [planned_clip(p, args.frames, args.size) for p in paths]
-    named = peers(args.frames, with_option)
+    named = peers(args.frames, args.cuda)
     results = measure(clips, named, args.size, args.rounds)
     report(clips, list(named), results)
     print(f"\nload at the end {load_text()}")
