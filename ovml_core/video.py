@@ -589,7 +589,7 @@ def _decode_torchcodec(
     video_decoder = torchcodec_decoder()
     out = np.empty((len(times), size, size, 3), np.uint8)
     picked: list[int] = []
-    done: dict[int, np.ndarray] = {}
+    done: dict[int, int] = {}  # frame number -> its first row of `out`
     try:
         # Frames are asked for by number in display order, as in our table: torchcodec's
         # "played at" time lookup picks the next frame when decoded frames carry no duration
@@ -607,7 +607,9 @@ def _decode_torchcodec(
         for i, t in enumerate(times):
             deadline.check()
             number = max(bisect.bisect_right(table.times, t) - 1, 0)  # displayed at t
-            if number not in done:
+            if number in done:
+                out[i] = out[done[number]]
+            else:
                 frame = decoder.get_frame_at(number)
                 got = round(Fraction(frame.pts_seconds) / tick)
                 if table.has_pts and got != table.times[number]:
@@ -618,8 +620,7 @@ def _decode_torchcodec(
                 image = av.VideoFrame.from_ndarray(
                     np.ascontiguousarray(frame.data.numpy()), format="rgb24"
                 )
-                done[number] = _square_rgb(image, size, 0, aspect)
-            out[i] = done[number]
+                out[i], done[number] = _square_rgb(image, size, 0, aspect), i
             picked.append(table.times[number])
     except (RuntimeError, ValueError, IndexError) as err:
         raise VideoDecodeError(f"{uri}: not a readable video (torchcodec): {err}") from err
@@ -640,15 +641,16 @@ def _decode_keyframes(
     out = np.empty((len(keyframes), size, size, 3), np.uint8)
     pixel_aspect = _pixel_aspect(stream)
     rotation = seeks = 0
-    done: dict[int, np.ndarray] = {}
+    done: dict[int, int] = {}  # keyframe -> its first row of `out` (no second copy of frames)
     for i, keyframe in enumerate(keyframes):
-        if keyframe not in done:
-            container.seek(keyframe, stream=stream)  # lands on it: it is a keyframe
-            seeks += 1
-            frame = _first_frame_from(uri, container, stream, keyframe, deadline)
-            rotation = _upright_degrees(frame)
-            done[keyframe] = _square_rgb(frame, size, rotation, pixel_aspect)
-        out[i] = done[keyframe]
+        if keyframe in done:
+            out[i] = out[done[keyframe]]
+            continue
+        container.seek(keyframe, stream=stream)  # lands on it: it is a keyframe
+        seeks += 1
+        frame = _first_frame_from(uri, container, stream, keyframe, deadline)
+        rotation = _upright_degrees(frame)
+        out[i], done[keyframe] = _square_rgb(frame, size, rotation, pixel_aspect), i
     return out, rotation, seeks
 
 
