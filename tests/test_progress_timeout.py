@@ -32,7 +32,9 @@ MARGIN_S = 60  # plan start-up and shutdown on 2 shared cores
 def ray_local():
     import ray
 
-    ray.init(num_cpus=3, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    # With the dashboard, as on a cluster: Ray Train's placement group cleaner, which frees a
+    # killed controller's placement group, looks the controller up through its state API.
+    ray.init(num_cpus=3, num_gpus=1, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
 
