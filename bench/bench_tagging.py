@@ -1,17 +1,25 @@
 """End-to-end tagging throughput: the Ray pipeline vs a plain loop vs a torch DataLoader.
 
-All three decode the same generated h264 clips with `ovml_core.video.sample_frames` and score
+All peers decode the same generated h264 clips with `ovml_core.video.sample_frames` and score
 them with the same model and labels; each is timed from "config in hand" to "tags in hand",
-model construction included. The Ray instance is started before timing (on a cluster it is
-already up). Run from the repository root:
+model construction included. The DataLoader has one worker per core. The Ray instance is
+started before timing (on a cluster it is already up); "steady" is the throughput after the
+first batch, start-up excluded. `--fused` adds a Ray peer that decodes and encodes in the same
+actors (one per core), the alternative to sized stages for small models. `--whole-command`
+times `python jobs/tag.py` as a user runs it (imports, Ray start, model, plan) against a fresh
+process running the DataLoader peer. The load average is printed before and after: a ratio
+measured while it was above the core count is not a result. Run from the repository root:
 
-    .venv/bin/python -m bench.bench_tagging --videos 400 --rounds 2
+    .venv/bin/python -m bench.bench_tagging --videos 400 --rounds 2 --fused
+    .venv/bin/python -m bench.bench_tagging --videos 1200 --whole-command
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +35,7 @@ from ovml_core.config import Config
 from ovml_core.model import create_model
 from ovml_core.video import sample_frames
 from pipeline.parquet_io import read_tags
-from pipeline.tagging import rank_tags, run_tagging
+from pipeline.tagging import TagSummary, rank_tags, run_tagging
 from tests.videos import write_indexed_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +76,8 @@ def plain_loop(cfg: Config, uris: list[str]) -> list[str]:
     return tops
 
 
-def data_loader(cfg: Config, uris: list[str], workers: int) -> list[str]:
+def data_loader(cfg: Config, uris: list[str], workers: int, steady: dict) -> list[str]:
+    """Top-1 labels; `steady` gets the videos/s after the first batch."""
     model = create_model(cfg.model)
     label_emb = model.encode_labels(LABELS)
     loader = DataLoader(
@@ -77,14 +86,96 @@ def data_loader(cfg: Config, uris: list[str], workers: int) -> list[str]:
         num_workers=workers,
         collate_fn=np.stack,
     )
-    return [label for frames in loader for label in top_labels(model, frames, label_emb, cfg)]
+    tops, first = [], None
+    for frames in loader:
+        tops += top_labels(model, frames, label_emb, cfg)
+        first = first or (time.perf_counter(), len(tops))
+    after = len(tops) - first[1]
+    steady["DataLoader"] = after / max(time.perf_counter() - first[0], 1e-9)
+    return tops
 
 
-def ray_pipeline(cfg: Config, manifest: str, labels: str, out: str) -> list[str]:
+def ray_pipeline(cfg: Config, manifest: str, labels: str, out: str, steady: dict) -> list[str]:
     summary = run_tagging(cfg, manifest, out, labels=labels, full=True)
     assert summary.ok == summary.processed, summary.format()
+    steady["ray pipeline"] = summary.stages.steady_videos_per_s
+    steady["summary"] = summary
+    return top1_of(out)
+
+
+def top1_of(out: str) -> list[str]:
     rows = {r["video_id"]: r for r in read_tags(out).to_pylist()}
     return [rows[f"clip-{i:04d}"]["top_k"][0]["label"] for i in range(len(rows))]
+
+
+class DecodeAndEncode:
+    """The fused peer: one actor decodes its batch's videos and encodes them itself."""
+
+    def __init__(self, cfg: Config):
+        torch.set_num_threads(1)
+        self.cfg, self.model = cfg, create_model(cfg.model)
+        self.label_emb = self.model.encode_labels(LABELS)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cfg, size = self.cfg, self.model.image_size
+        frames = np.stack(
+            [sample_frames(u, cfg.model.num_frames, size, cfg.video)[0] for u in batch["uri"]]
+        )
+        return {
+            "uri": batch["uri"],
+            "top1": np.array(top_labels(self.model, frames, self.label_emb, cfg)),
+        }
+
+
+def fused_pipeline(cfg: Config, uris: list[str], cores: int) -> list[str]:
+    rows = (
+        ray.data.from_items([{"uri": u} for u in uris])
+        .repartition(target_num_rows_per_block=cfg.tag.batch_size)
+        .map_batches(
+            DecodeAndEncode,
+            fn_constructor_kwargs={"cfg": cfg},
+            compute=ray.data.ActorPoolStrategy(size=cores),
+            batch_size=cfg.tag.batch_size,
+            num_cpus=1,
+        )
+        .take_all()
+    )
+    top1 = {r["uri"]: r["top1"] for r in rows}
+    return [top1[u] for u in uris]
+
+
+def whole_commands(args: argparse.Namespace, manifest: str, labels: str, work: Path) -> None:
+    """`python jobs/tag.py` vs a fresh process running the DataLoader peer, best of rounds."""
+    python = sys.executable
+    settings = [a for o in args.overrides for a in ("--set", o)]
+    tag = [python, "jobs/tag.py", "--config", args.config, "--manifest", manifest]
+    tag += ["--labels", labels, "--out", str(work / "cmd-tags"), "--full", *settings]
+    loader = [python, "-m", "bench.bench_tagging", "--dataloader-only", manifest]
+    loader += ["--config", args.config, *settings]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    best = {}
+    for _ in range(args.rounds):
+        for name, argv in (("DataLoader process", loader), ("jobs/tag.py", tag)):
+            started = time.perf_counter()
+            done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr[-3000:]
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - started)
+            if name == "jobs/tag.py":
+                summary_text = done.stdout
+    print(f"\nwhole commands, {args.videos} videos, best of {args.rounds}:")
+    for name, seconds in best.items():
+        ratio = best["jobs/tag.py"] / seconds
+        print(f"  {name:<20}{seconds:>8.1f} s  (jobs/tag.py takes {ratio:.2f}x this)")
+    print(
+        f"  DataLoader wall / jobs/tag.py wall: {best['DataLoader process'] / best['jobs/tag.py']:.2f}x"
+    )
+    print("jobs/tag.py summary:\n" + summary_text)
+
+
+def load_line(cores: int) -> str:
+    load = os.getloadavg()
+    busy = "  ABOVE the core count: not a result" if load[0] > cores else ""
+    return f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {cores} cores{busy}"
 
 
 def make_inputs(work: Path, args: argparse.Namespace) -> tuple[list[str], str, str]:
@@ -125,33 +216,59 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=360)
     parser.add_argument("--rounds", type=int, default=1, help="runs per peer; the best counts")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--fused", action="store_true", help="add the decode+encode actor peer")
+    parser.add_argument(
+        "--whole-command", action="store_true", help="also time jobs/tag.py as a user runs it"
+    )
+    parser.add_argument("--dataloader-only", metavar="MANIFEST", help=argparse.SUPPRESS)
     args = parser.parse_args()
     cfg = Config.from_yaml(args.config, args.overrides)
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)  # the single-process peers get every core for the model
+    if args.dataloader_only:  # the DataLoader peer of --whole-command, in its own process
+        uris = pq.read_table(args.dataloader_only)["uri"].to_pylist()
+        data_loader(cfg, uris, cores, {})
+        return
+    print(load_line(cores))
     work = Path(tempfile.mkdtemp(prefix="ovml-bench-"))
     uris, manifest, labels = make_inputs(work, args)
 
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    # Its own instance: never a cluster another process left running on this machine.
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    steady: dict = {}
+    loader_name = f"DataLoader(num_workers={cores})"
     peers = {
         "plain loop": lambda: plain_loop(cfg, uris),
-        "DataLoader(num_workers=2)": lambda: data_loader(cfg, uris, 2),
-        "ray pipeline": lambda: ray_pipeline(cfg, manifest, labels, str(work / "tags")),
+        loader_name: lambda: data_loader(cfg, uris, cores, steady),
+        "ray pipeline": lambda: ray_pipeline(cfg, manifest, labels, str(work / "tags"), steady),
     }
+    if args.fused:
+        peers["ray fused decode+encode"] = lambda: fused_pipeline(cfg, uris, cores)
     times, tops = best_times(peers, args.rounds)
+    summary: TagSummary = steady.pop("summary")
     print(
         f"\n{args.videos} videos ({args.width}x{args.height} h264, {args.seconds:g} s), "
         f"config {Path(args.config).name} {' '.join(args.overrides)}, {cores} cores, "
         f"T={cfg.model.num_frames}, batch {cfg.tag.batch_size}, "
         f"encode actors {cfg.tag.encode_actors}; best of {args.rounds} rounds"
     )
-    print(f"{'peer':<28}{'seconds':>9}{'videos/s':>10}{'vs plain loop':>15}  same top-1")
+    head = f"{'peer':<28}{'seconds':>9}{'videos/s':>10}{'vs plain loop':>15}"
+    print(f"{head}{'steady videos/s':>17}  same top-1")
     for name, seconds in times.items():
+        rate = steady.get("DataLoader" if name == loader_name else name)
         print(
             f"{name:<28}{seconds:>9.1f}{args.videos / seconds:>10.2f}"
-            f"{times['plain loop'] / seconds:>14.2f}x  {tops[name] == tops['plain loop']}"
+            f"{times['plain loop'] / seconds:>14.2f}x"
+            f"{'' if rate is None else f'{rate:.2f}':>17}  {tops[name] == tops['plain loop']}"
         )
+    pipeline_vs_loader = steady["ray pipeline"] / steady["DataLoader"]
+    print(f"steady: ray pipeline / DataLoader = {pipeline_vs_loader:.2f}x")
+    print("last pipeline run's summary:\n" + summary.format())
+    ray.shutdown()
+    if args.whole_command:
+        whole_commands(args, manifest, labels, work)
+    print(load_line(cores))
 
 
 if __name__ == "__main__":

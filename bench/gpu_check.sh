@@ -4,6 +4,13 @@
 #
 #   bench/gpu_check.sh WHEEL_DIR [--dry-run] [--out FILE]     # fresh venv from WHEEL_DIR
 #   bench/gpu_check.sh --python .venv/bin/python --dry-run    # an existing environment
+#   bench/gpu_check.sh --site-wheels DIR [--install-only]     # the machine's own CUDA torch
+#
+# --site-wheels DIR (repeatable): a GPU image that already holds CUDA torch, numpy, pyarrow,
+# transformers... (python3): the wheels in DIR (no dependencies resolved) go into .gpusite/ of
+# the repository, which is put on PYTHONPATH. bench/gpu_wheels.sh builds DIR for such an image
+# (ray, PyAV, open_clip and what they miss); it splits them in two folders when one transfer
+# to the machine is size-limited: a first call with --install-only, then the run.
 #
 # --dry-run: the same steps with tiny sizes (on a host without CUDA the GPU tests skip themselves), ~2 minutes.
 # Every step runs under its own time limit, so the whole stays under 8 minutes; a step that
@@ -18,19 +25,31 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-WHEELS="" PYTHON="" DRY_RUN="" OUT="$REPO/gpu_check.json"
+WHEELS="" PYTHON="" DRY_RUN="" OUT="$REPO/gpu_check.json" SITE_WHEELS=() INSTALL_ONLY=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) DRY_RUN=--dry-run ;;
     --python) PYTHON=$2; shift ;;
+    --site-wheels) SITE_WHEELS+=("$2"); shift ;;
+    --install-only) INSTALL_ONLY=1 ;;
     --out) OUT=$2; shift ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
     *) WHEELS=$1 ;;
   esac
   shift
 done
+if [[ ${#SITE_WHEELS[@]} -gt 0 ]]; then
+  PYTHON=${PYTHON:-python3}
+  for dir in "${SITE_WHEELS[@]}"; do
+    "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target "$REPO/.gpusite" "$dir"/*.whl
+  done
+  # Ray's workers inherit PYTHONPATH: they import the carried packages and this repository.
+  export PYTHONPATH="$REPO/.gpusite:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+  [[ -n "$INSTALL_ONLY" ]] && { echo "installed into $REPO/.gpusite"; exit 0; }
+fi
 if [[ -z "$WHEELS" && -z "$PYTHON" ]]; then
-  sed -n '2,9p' "$0" >&2
+  sed -n '2,17p' "$0" >&2
   exit 2
 fi
 

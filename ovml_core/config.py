@@ -141,15 +141,18 @@ class TagConfig:
     threshold: float = 0.5
     top_k: int = 5
     batch_size: int = 8  # clips per encode batch
-    decode_num_cpus: float = 1.0  # CPUs per decode task
+    # CPUs per decode task and per encode actor, and the encode actor's torch threads. None =
+    # sized by the job (pipeline.resources.size_tagging): on GPU 1 CPU each; on CPU the encode
+    # actors hold the share of the cores that encoding measurably takes, decode the rest.
+    decode_num_cpus: float | None = None
     encode_actors: int = 1  # actor pool size of the encode stage (max when autoscaling)
     encode_actors_min: int | None = None  # None = fixed pool of encode_actors
-    encode_num_cpus: float = 1.0
+    encode_num_cpus: float | None = None
     # auto: GPUs when the cluster has or can get GPU nodes (its autoscaler's node groups count,
     # so a GPU group at min_workers 0 is used); cuda: always request GPUs; cpu: never.
     device: str = "auto"  # auto | cuda | cpu
     encode_num_gpus: float | None = None  # GPUs per encode actor on GPU (None = 1)
-    torch_threads: int = 1  # intra-op threads per encode actor
+    torch_threads: int | None = None  # intra-op threads per encode actor (None = sized)
     compile: bool = False  # torch.compile the video encoder in each encode actor
     # Keep each video's embedding in its row: a changed vocabulary is then re-scored from it
     # without decoding; rows without one are encoded again.
@@ -176,7 +179,9 @@ class TagConfig:
         _positive(f"{prefix}.top_k", self.top_k, allow_zero=True)
         _positive(f"{prefix}.batch_size", self.batch_size)
         _positive(f"{prefix}.encode_actors", self.encode_actors)
-        _positive(f"{prefix}.torch_threads", self.torch_threads)
+        for name in ("decode_num_cpus", "encode_num_cpus", "torch_threads"):
+            if getattr(self, name) is not None:
+                _positive(f"{prefix}.{name}", getattr(self, name))
         _positive(f"{prefix}.rows_per_file", self.rows_per_file)
         _positive(f"{prefix}.rescore_batch_size", self.rescore_batch_size)
         if not 0 <= self.segment_s < float("inf"):  # NaN too

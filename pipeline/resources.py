@@ -11,11 +11,14 @@ publishes its node groups (a local `ray.init()` or `ray start`).
 from __future__ import annotations
 
 import logging
+import math
+import os
+from dataclasses import dataclass
 
 import ray
 import torch
 
-from ovml_core.config import Config, ConfigError
+from ovml_core.config import Config, ConfigError, TagConfig
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,80 @@ def actor_device(num_gpus: float) -> str:
     return "cuda"
 
 
+def init_ray() -> None:
+    """Connect to RAY_ADDRESS (`ray job submit`, a cluster) or to the local cluster a `ray
+    start` left running, else start one on this machine without the dashboard: a one-shot
+    job does not need it, and it costs seconds of start-up and a process on a busy CPU."""
+    if not ray.is_initialized():
+        ray.init(include_dashboard=bool(os.environ.get("RAY_ADDRESS")))
+
+
+def training_decode_cpus(cfg: Config) -> float:
+    """CPUs per decode task of the training input: tag.decode_num_cpus, 1 when sized by the
+    job (training's workers hold their own CPUs; decode tasks take one core each)."""
+    return cfg.tag.decode_num_cpus or 1.0
+
+
+# Without a measurement: the share of a CPU node's work that encoding takes. Only a fallback;
+# the tagging job measures its model and videos (pipeline.tagging.size_stages).
+DEFAULT_ENCODE_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class TagSizing:
+    """What each stage of the tagging plan asks Ray for."""
+
+    encode_num_gpus: float
+    encode_num_cpus: float
+    torch_threads: int
+    decode_num_cpus: float
+    decode_slots: float  # decode tasks that run at once beside the encode actors
+    encode_share: float | None = None  # measured share of the work that is encoding
+
+    def format_line(self) -> str:
+        share = "" if self.encode_share is None else f" (encode {self.encode_share:.0%} of work)"
+        gpus = f"{self.encode_num_gpus:g} GPU + " if self.encode_num_gpus else ""
+        return (
+            f"  sizing    encode actor {gpus}{self.encode_num_cpus:g} CPU, "
+            f"{self.torch_threads} thread(s); decode tasks {self.decode_num_cpus:g} CPU, "
+            f"{self.decode_slots:g} at once{share}"
+        )
+
+
+def size_tagging(
+    tag: TagConfig, cpus: float, encode_num_gpus: float, encode_share: float | None = None
+) -> TagSizing:
+    """Fill the fields of `tag` left to the job (None) for a cluster of `cpus` CPUs.
+
+    On GPU the encode actor needs one host thread; decode tasks take a CPU each. On CPU the
+    encode actors hold the share of the cores that encoding takes (`encode_share`, measured;
+    at least 0.01 CPU, at most all but one core between them) and as many threads; decode
+    tasks are sized so that one per core fits in the rest, so every core the encoder does
+    not use decodes. Fields set in the config are kept as they are."""
+    actors = tag.encode_actors
+    if encode_num_gpus > 0:
+        encode = tag.encode_num_cpus or 1.0
+        threads = tag.torch_threads or 1
+        decode = tag.decode_num_cpus or 1.0
+    else:
+        share = DEFAULT_ENCODE_SHARE if encode_share is None else encode_share
+        most = max(cpus - min(1.0, cpus / 2), 0.01) / actors
+        encode = tag.encode_num_cpus or min(max(_ceil(share * cpus / actors), 0.01), most)
+        threads = tag.torch_threads or max(1, round(encode))
+        room = max(cpus - actors * encode, 0.0)
+        decode = tag.decode_num_cpus or max(_floor(room / max(cpus, 1.0)), 0.01)
+    slots = math.floor(max(cpus - actors * encode, 0.0) / decode + 1e-9)
+    return TagSizing(encode_num_gpus, encode, threads, decode, slots, encode_share)
+
+
+def _ceil(x: float) -> float:
+    return math.ceil(round(x * 100, 6)) / 100
+
+
+def _floor(x: float) -> float:
+    return math.floor(round(x * 100, 6)) / 100
+
+
 def check_training_fits(cfg: Config) -> None:
     """Refuse, before any worker starts, a training job whose workers would hold every CPU the
     cluster can have: its decode tasks would never be scheduled and the job would wait forever
@@ -74,13 +151,14 @@ def check_training_fits(cfg: Config) -> None:
     train = cfg.train
     cpus = max_cluster_resources().get("CPU", 0.0)
     held = train.num_workers * train.worker_num_cpus
-    if held + cfg.tag.decode_num_cpus <= cpus:
+    decode = training_decode_cpus(cfg)
+    if held + decode <= cpus:
         return
-    room = max(cpus - cfg.tag.decode_num_cpus, 0.0) / train.num_workers
+    room = max(cpus - decode, 0.0) / train.num_workers
     raise ConfigError(
         f"train.num_workers={train.num_workers} x train.worker_num_cpus="
         f"{train.worker_num_cpus:g} CPUs leave no room for decoding "
-        f"(tag.decode_num_cpus={cfg.tag.decode_num_cpus:g}) on this cluster, which has at most "
+        f"(tag.decode_num_cpus={decode:g}) on this cluster, which has at most "
         f"{cpus:g} CPUs: set train.worker_num_cpus to {room:g} or less, use fewer workers, "
         "or add CPU nodes"
     )

@@ -7,6 +7,8 @@
       -> VideoTagger    (actor pool; the model and label bank load once per actor,
                          GPU + bf16 autocast by tag.device; uint8 clips go
                          to the device from pinned memory and are preprocessed there)
+    CPUs per stage: `size_stages` times both stages on two videos on the driver; on a CPU node
+    the encode actors then hold the share of the cores encoding takes, decode the rest.
     re-score:
       stored rows -> rescore_batch (Ray tasks: stored embedding x label bank, no decode)
     With tag.segment_s > 0 each video is S windows (`ovml_core.video.segment_windows`) of one
@@ -63,7 +65,14 @@ from pipeline.parquet_io import (
 )
 from pipeline.progress import EXIT_NO_PROGRESS, NoProgressError, watch_plan
 from pipeline.remote_checkpoint import local_checkpoint
-from pipeline.resources import actor_device, gpus_per_actor
+from pipeline.resources import (
+    TagSizing,
+    actor_device,
+    gpus_per_actor,
+    init_ray,
+    max_cluster_resources,
+    size_tagging,
+)
 from pipeline.segments import (
     max_per_video,
     mean_embedding,
@@ -72,10 +81,11 @@ from pipeline.segments import (
     stored_segments,
 )
 from pipeline.stage_meter import (
+    StageCosts,
     StageMeter,
     StageReport,
-    decode_slots,
     decode_video_timed,
+    measure_stage_costs,
     stage_report,
 )
 
@@ -216,9 +226,11 @@ class VideoTagger:
         tag: TagConfig,
         num_gpus: float = 0.0,
         meter: ray.actor.ActorHandle | None = None,
+        torch_threads: int = 1,
     ):
+        started = time.perf_counter()
         # Ray sets OMP_NUM_THREADS per worker; torch's own pool is sized here, explicitly.
-        torch.set_num_threads(tag.torch_threads)
+        torch.set_num_threads(torch_threads)
         self.device = actor_device(num_gpus)
         self.model = source.load(self.device)
         actual = model_fingerprint(self.model)
@@ -237,6 +249,8 @@ class VideoTagger:
         if tag.compile:
             # In place: parameter names, and so the fingerprint, stay the eager model's.
             self.model.visual.compile(dynamic=False)
+        if meter is not None:
+            meter.loaded.remote(time.perf_counter() - started)
 
     def _autocast(self):
         if self.device == "cuda":
@@ -269,12 +283,14 @@ class VideoTagger:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         started = time.perf_counter()
-        table = self._tag(batch)
+        table, clips = self._tag(batch)
         if self.meter is not None:
-            # Waited for: the driver reads the totals once the last batch has returned.
+            # Waited for (~1 ms a batch): the driver reads the totals once the last batch has
+            # returned, and a call still in flight when the pool is torn down would be lost.
             ray.get(
                 self.meter.add.remote(
                     len(table),
+                    clips,
                     float(np.sum(batch["decode_s"])),
                     time.perf_counter() - started,
                     self.device,
@@ -282,7 +298,8 @@ class VideoTagger:
             )
         return table
 
-    def _tag(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def _tag(self, batch: dict[str, np.ndarray]) -> tuple[pa.Table, int]:
+        """(tag rows of the batch, clips encoded for them)."""
         # A column that is null in the whole batch arrives as float NaN, not None.
         errors = [e if isinstance(e, str) else None for e in batch["error"]]
         ok = np.array([e is None for e in errors], dtype=bool)
@@ -332,7 +349,8 @@ class VideoTagger:
             columns["embedding"] = pa.FixedSizeListArray.from_arrays(
                 pa.array(embeddings.reshape(-1)), dim, mask=pa.array(~ok)
             )
-        return pa.table({name: columns[name] for name in self.schema.names}, schema=self.schema)
+        table = pa.table({name: columns[name] for name in self.schema.names}, schema=self.schema)
+        return table, int(counts.sum())
 
     def _segments(
         self, bounds: np.ndarray, counts: np.ndarray, probabilities: np.ndarray, clips: np.ndarray
@@ -539,11 +557,13 @@ def build_plan(
     vocabulary_fingerprint: str,
     run_id: str,
     image_size: int,
+    sizing: TagSizing,
     filesystems: Filesystems | None = None,
     meter: ray.actor.ActorHandle | None = None,
 ) -> ray.data.Dataset:
-    """The lazy Dataset of tag rows for `pending` (video_id, uri, source_size, source_mtime);
-    the encode actors report their batches to `meter` (a `StageMeter`) when given."""
+    """The lazy Dataset of tag rows for `pending` (video_id, uri, source_size, source_mtime),
+    its stages sized by `sizing`; the encode actors report their batches to `meter` (a
+    `StageMeter`) when given."""
     tag = cfg.tag
     decoded = (
         ray.data.from_arrow(pending.select(["video_id", *SOURCE_COLUMNS]))
@@ -551,27 +571,20 @@ def build_plan(
         .repartition(target_num_rows_per_block=tag.batch_size)
         .map(
             decode_video_timed,
-            fn_kwargs={
-                "num_frames": cfg.model.num_frames,
-                "size": image_size,
-                "limits": cfg.video,
-                "allowed_schemes": tag.allowed_schemes,
-                "filesystems": filesystems,
-                "segment_s": tag.segment_s,
-                "max_segments": tag.max_segments,
-            },
-            num_cpus=tag.decode_num_cpus,
+            fn_kwargs=decode_kwargs(cfg, image_size, filesystems),
+            num_cpus=sizing.decode_num_cpus,
             # Fresh decode workers now and then bound what FFmpeg may leak on untrusted input.
             # The differing remote args also keep Ray Data from fusing decode into the actor
             # stage (ray-project/ray#54433), which would cap decode parallelism at the actor count.
             max_calls=DECODE_TASKS_PER_WORKER,
         )
     )
-    num_gpus = gpus_per_actor(tag.device, tag.encode_num_gpus, "tag")
+    num_gpus = sizing.encode_num_gpus
     return decoded.map_batches(
         VideoTagger,
         fn_constructor_kwargs={
             "num_gpus": num_gpus,
+            "torch_threads": sizing.torch_threads,
             "source": source,
             "bank": bank,
             "fingerprint": fingerprint,
@@ -585,10 +598,70 @@ def build_plan(
         ),
         batch_size=tag.batch_size,
         batch_format="numpy",
-        num_cpus=tag.encode_num_cpus,
+        num_cpus=sizing.encode_num_cpus,
         num_gpus=num_gpus,
         udf_modifying_row_count=False,
     )
+
+
+def decode_kwargs(cfg: Config, image_size: int, filesystems: Filesystems | None) -> dict:
+    """The keyword arguments of every decode task of a tagging plan."""
+    return {
+        "num_frames": cfg.model.num_frames,
+        "size": image_size,
+        "limits": cfg.video,
+        "allowed_schemes": cfg.tag.allowed_schemes,
+        "filesystems": filesystems,
+        "segment_s": cfg.tag.segment_s,
+        "max_segments": cfg.tag.max_segments,
+    }
+
+
+def size_stages(
+    cfg: Config, facts: ModelFacts, encode: pa.Table, filesystems: Filesystems | None
+) -> TagSizing:
+    """What the decode tasks and encode actors of this run ask Ray for, on the cluster it
+    can have. On CPU, with a field left to the job, both stages are first timed on the first
+    videos to encode (decoded here, encoded by the driver's copy of the model)."""
+    tag = cfg.tag
+    num_gpus = gpus_per_actor(tag.device, tag.encode_num_gpus, "tag")
+    cpus = max_cluster_resources().get("CPU", 1.0)
+    auto = None in (tag.decode_num_cpus, tag.encode_num_cpus, tag.torch_threads)
+    costs = None
+    if num_gpus == 0 and auto:
+        kwargs = decode_kwargs(cfg, facts.image_size, filesystems)
+        rows = encode.slice(0, 2).to_pylist()
+        costs = measure_stage_costs(rows, lambda n: clip_encode_s(facts.model, n), **kwargs)
+    sizing = size_tagging(tag, cpus, num_gpus, costs.encode_share if costs else None)
+    logger.info("%s%s", sizing.format_line().strip(), _costs_text(costs))
+    return sizing
+
+
+def clip_encode_s(model: OVMLModel, clips: int) -> float:
+    """Seconds the driver's model takes to encode `clips` clips on one thread, the fastest of
+    three after a warm-up (as an encode actor's steady state)."""
+    frames = torch.zeros(
+        (clips, model.num_frames, model.image_size, model.image_size, 3), dtype=torch.uint8
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            model.encode_video(frames)
+            times = []
+            for _ in range(3):
+                started = time.perf_counter()
+                model.encode_video(frames)
+                times.append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+    return min(times)
+
+
+def _costs_text(costs: StageCosts | None) -> str:
+    if costs is None:
+        return ""
+    return f" (measured per video: decode {costs.decode_s:.3f} s, encode {costs.encode_s:.3f} s)"
 
 
 @dataclass
@@ -604,6 +677,8 @@ class TagSummary:
     parts: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (video_id, error), a sample
     stages: StageReport | None = None  # per-stage throughput of the decode + encode plan
+    sizing: TagSizing | None = None
+    startup: dict[str, float] = field(default_factory=dict)  # step -> seconds, before the plan
 
     @property
     def processed(self) -> int:
@@ -628,6 +703,10 @@ class TagSummary:
             f"  rescored  {self.rescored} (new vocabulary, from stored embeddings: no decode)",
             f"  videos/s  {self.videos_per_s:.2f} ({self.processed} in {self.seconds:.1f} s)",
         ]
+        if self.startup:
+            steps = ", ".join(f"{k} {v:.1f} s" for k, v in self.startup.items())
+            lines.append(f"  before    {steps}")
+        lines += [self.sizing.format_line()] if self.sizing else []
         lines += self.stages.format_lines() if self.stages else []
         lines += [f"  error: {printable(vid)}: {printable(msg)}" for vid, msg in self.errors]
         return "\n".join(lines)
@@ -647,6 +726,7 @@ class ModelFacts:
     bank: LabelBank
     image_size: int
     head: ScoreHead
+    model: OVMLModel  # the driver's copy: times the encoder to size the stages
 
 
 def load_model_facts(
@@ -667,7 +747,7 @@ def load_model_facts(
         bank = label_bank_from_vocabulary(model, labels)
     else:
         bank = label_bank_from_file(label_bank, fingerprint, filesystems)
-    return ModelFacts(fingerprint, bank, model.image_size, ScoreHead.of(model))
+    return ModelFacts(fingerprint, bank, model.image_size, ScoreHead.of(model), model)
 
 
 def run_tagging(
@@ -687,6 +767,7 @@ def run_tagging(
     if (labels is None) == (label_bank is None):
         raise ConfigError("--labels / --label-bank: give exactly one")
     tag = cfg.tag
+    clock = time.perf_counter()
     table = read_manifest(manifest, allowed_schemes=tag.allowed_schemes, filesystems=filesystems)
     stats = source_stats(
         table["uri"].to_pylist(), allowed_schemes=tag.allowed_schemes, filesystems=filesystems
@@ -720,6 +801,7 @@ def run_tagging(
         ]
     )
     summary = TagSummary(out, new_run_id(), facts.fingerprint, skipped=pending.skipped)
+    summary.startup["inputs, model and labels"] = time.perf_counter() - clock
     logger.info(
         "%d videos in %s: %d to encode, %d to re-score from stored embeddings (%d without one: "
         "encoded), %d unchanged; %d labels; writing part files of run %s to %s",
@@ -736,8 +818,9 @@ def run_tagging(
     if encode.num_rows == 0 and (rescore is None or rescore.num_rows == 0):
         return summary
 
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS (`ray job submit`) or a local instance
+    clock = time.perf_counter()
+    init_ray()
+    summary.startup["ray start"] = time.perf_counter() - clock
     schema = tags_schema(bank.embeddings.shape[1] if tag.emit_embedding else None)
     started = time.perf_counter()
     if rescore is not None and rescore.num_rows:
@@ -752,8 +835,11 @@ def run_tagging(
         )
         summary.rescored = _write(plan, summary, schema, tag, filesystems).num_rows
     if encode.num_rows:
+        clock = time.perf_counter()
+        summary.sizing = size_stages(cfg, facts, encode, filesystems)
+        summary.startup["stage sizing"] = time.perf_counter() - clock
         meter = StageMeter.remote()
-        encode_started = time.perf_counter()
+        encode_started = time.time()
         plan = build_plan(
             encode,
             cfg,
@@ -763,13 +849,13 @@ def run_tagging(
             vocabulary_fingerprint=vocabulary,
             run_id=summary.run_id,
             image_size=facts.image_size,
+            sizing=summary.sizing,
             filesystems=filesystems,
             meter=meter,
         )
         written = _write(plan, summary, schema, tag, filesystems)
-        slots = decode_slots(tag.decode_num_cpus, tag.encode_actors, tag.encode_num_cpus)
-        wall = time.perf_counter() - encode_started
-        summary.stages = stage_report(meter, wall, slots, tag.encode_actors)
+        slots = summary.sizing.decode_slots
+        summary.stages = stage_report(meter, encode_started, slots, tag.encode_actors)
         _count_encoded(summary, written)
     summary.seconds = time.perf_counter() - started
     logger.info("wrote %d part files to %s", len(summary.parts), out)

@@ -22,6 +22,7 @@ import ray
 from ovml_core.config import Config, ConfigError
 from pipeline.decode import decode_video
 from pipeline.manifest import read_manifest
+from pipeline.resources import training_decode_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def labeled_examples(
                 "limits": cfg.video,
                 "allowed_schemes": cfg.tag.allowed_schemes,
             },
-            num_cpus=cfg.tag.decode_num_cpus,
+            num_cpus=training_decode_cpus(cfg),
         )
         .map_batches(decoded_examples, batch_format="numpy")
     )

@@ -92,3 +92,46 @@ def test_training_that_would_leave_decoding_no_cpu_is_refused(cpu_cluster):
     with pytest.raises(ConfigError, match=r"train.worker_num_cpus.*at most 1 CPUs.*0 or less"):
         check_training_fits(cfg)
     check_training_fits(Config.from_dict({"train": {"num_workers": 2, "worker_num_cpus": 0}}))
+
+
+# ---------------------------------------------------------------- stage sizing of tagging
+
+
+def _tag(**fields):
+    return Config.from_dict({"tag": fields}).tag if fields else Config().tag
+
+
+def test_on_gpu_the_encode_actor_holds_one_cpu_and_decode_the_rest():
+    from pipeline.resources import size_tagging
+
+    sizing = size_tagging(_tag(encode_actors=2), cpus=16, encode_num_gpus=1.0, encode_share=0.9)
+    assert (sizing.encode_num_cpus, sizing.torch_threads, sizing.decode_num_cpus) == (1, 1, 1)
+    assert sizing.decode_slots == 14
+
+
+@pytest.mark.parametrize(
+    "cpus, share, encode, threads",
+    [(2, 0.03, 0.06, 1), (2, 0.5, 1.0, 1), (2, 0.99, 1.0, 1), (16, 0.5, 8.0, 8), (4, 0.0, 0.01, 1)],
+)
+def test_on_cpu_encode_holds_its_measured_share_and_one_decode_task_per_core_fits(
+    cpus, share, encode, threads
+):
+    from pipeline.resources import size_tagging
+
+    sizing = size_tagging(_tag(), cpus=cpus, encode_num_gpus=0.0, encode_share=share)
+    # Capped so that at least one core (half of a 2-core node) is left to decode.
+    assert sizing.encode_num_cpus == pytest.approx(encode)
+    assert sizing.torch_threads == threads
+    assert sizing.encode_num_cpus + sizing.decode_slots * sizing.decode_num_cpus <= cpus + 1e-9
+    assert sizing.decode_slots >= cpus  # every core decodes, beside the encoder's share
+
+
+def test_sizes_set_in_the_config_are_kept_and_checked():
+    from pipeline.resources import size_tagging
+
+    tag = _tag(decode_num_cpus=2, encode_num_cpus=0.5, torch_threads=3)
+    sizing = size_tagging(tag, cpus=8, encode_num_gpus=0.0, encode_share=0.9)
+    assert (sizing.decode_num_cpus, sizing.encode_num_cpus, sizing.torch_threads) == (2, 0.5, 3)
+    assert sizing.decode_slots == 3  # (8 - 0.5) // 2
+    with pytest.raises(ConfigError, match="tag.decode_num_cpus"):
+        Config.from_dict({"tag": {"decode_num_cpus": 0}})

@@ -286,6 +286,18 @@ def test_every_video_yields_one_row_tagged_or_errored(first_run, videos, tiny_ta
     summary, _, out = first_run
     good, broken = videos
     assert (summary.ok, summary.errored, summary.skipped) == (len(good), len(broken), 0)
+    # Sized for this CPU-only node (2 CPUs): the tiny encoder takes a small measured share, so
+    # its actor holds little CPU and one decode task per core fits beside it.
+    sizing = summary.sizing
+    assert sizing.encode_num_gpus == 0 and sizing.encode_share is not None
+    assert 0 < sizing.encode_num_cpus <= 1.0 and sizing.torch_threads >= 1
+    assert sizing.decode_slots == 2
+    assert set(summary.startup) == {"inputs, model and labels", "ray start", "stage sizing"}
+    stages = summary.stages
+    assert (stages.videos, stages.clips) == (len(good) + len(broken), len(good))  # clips: ok rows
+    assert 0 < stages.first_batch_s <= stages.wall_s and stages.model_load_s > 0
+    text = summary.format()
+    assert "sizing    encode actor" in text and "first batch after" in text
     tags = read_tags(str(out))
     model, fingerprint = tiny_tagger
     label_emb = model.encode_labels(LABELS)
