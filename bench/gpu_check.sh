@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU readiness check, one run on a bare GPU machine without network (< 8 min on 1 H200,
+# GPU readiness check, one run on a bare GPU machine without network (< 9 min on 1 H200,
 # 16 cores): install from a local wheel folder, run the GPU tests, measure, write one JSON.
 #
 #   bench/gpu_check.sh WHEEL_DIR [--dry-run] [--out FILE]     # fresh venv from WHEEL_DIR
@@ -13,7 +13,7 @@
 # to the machine is size-limited: a first call with --install-only, then the run.
 #
 # --dry-run: the same steps with tiny sizes (on a host without CUDA the GPU tests skip themselves), ~2 minutes.
-# Every step runs under its own time limit, so the whole stays under 8 minutes; a step that
+# Every step runs under its own time limit, so the whole stays under 9 minutes; a step that
 # hits its limit is logged with exit code 124 (the encoder keeps the rows it measured).
 #
 # The wheel folder, built on a connected machine of the same platform and Python version:
@@ -87,12 +87,12 @@ fi
 cd "$REPO"
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 # --timeout: a hanging test fails alone and the junit file is still written.
-step tests 150 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --timeout 90 \
+step tests 200 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --timeout 90 \
   --junitxml "$WORK/junit.xml" tests/test_gpu.py
 BENCH=("$PYTHON" -m bench.gpu_bench --out "$OUT" --work "$WORK/clips" $DRY_RUN --sections)
 step decode 45 "${BENCH[@]}" decode
 step encoder 110 "${BENCH[@]}" encoder
-step tagging 45 "${BENCH[@]}" tagging
+step tagging 120 "${BENCH[@]}" tagging
 # Results of the tests and the steps' exit codes and times go into the same JSON.
 junit=()
 [[ -f "$WORK/junit.xml" ]] && junit=(--junit "$WORK/junit.xml")

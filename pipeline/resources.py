@@ -98,6 +98,7 @@ class TagSizing:
     torch_threads: int
     decode_num_cpus: float
     decode_slots: float  # decode tasks that run at once beside the encode actors
+    decode_rows_per_task: int  # videos per decode task (Ray Data block)
     encode_share: float | None = None  # measured share of the work that is encoding
 
     def format_line(self) -> str:
@@ -106,12 +107,21 @@ class TagSizing:
         return (
             f"  sizing    encode actor {gpus}{self.encode_num_cpus:g} CPU, "
             f"{self.torch_threads} thread(s); decode tasks {self.decode_num_cpus:g} CPU, "
-            f"{self.decode_slots:g} at once{share}"
+            f"{self.decode_slots:g} at once, {self.decode_rows_per_task} video(s) each{share}"
         )
 
 
+# Videos per decode task at most: a task's videos reach the encoder together, so a long task
+# delays the first batch and leaves slots idle at the end of a run.
+MAX_DECODE_ROWS_PER_TASK = 16
+
+
 def size_tagging(
-    tag: TagConfig, cpus: float, encode_num_gpus: float, encode_share: float | None = None
+    tag: TagConfig,
+    cpus: float,
+    encode_num_gpus: float,
+    videos: int,
+    encode_share: float | None = None,
 ) -> TagSizing:
     """Fill the fields of `tag` left to the job (None) for a cluster of `cpus` CPUs.
 
@@ -119,7 +129,11 @@ def size_tagging(
     encode actors hold the share of the cores that encoding takes (`encode_share`, measured;
     at least 0.01 CPU, at most all but one core between them) and as many threads; decode
     tasks are sized so that one per core fits in the rest, so every core the encoder does
-    not use decodes. Fields set in the config are kept as they are."""
+    not use decodes. Fields set in the config are kept as they are.
+
+    Each decode task takes a few of the `videos`: at least 4 tasks per slot, at most
+    tag.batch_size and MAX_DECODE_ROWS_PER_TASK videos (the encoder gathers its batches from
+    several tasks), so every slot has work from the start and the first batch comes early."""
     actors = tag.encode_actors
     if encode_num_gpus > 0:
         encode = tag.encode_num_cpus or 1.0
@@ -133,7 +147,9 @@ def size_tagging(
         room = max(cpus - actors * encode, 0.0)
         decode = tag.decode_num_cpus or max(_floor(room / max(cpus, 1.0)), 0.01)
     slots = math.floor(max(cpus - actors * encode, 0.0) / decode + 1e-9)
-    return TagSizing(encode_num_gpus, encode, threads, decode, slots, encode_share)
+    per_task = math.ceil(videos / (4 * max(slots, 1)))
+    rows = max(1, min(per_task, tag.batch_size, MAX_DECODE_ROWS_PER_TASK))
+    return TagSizing(encode_num_gpus, encode, threads, decode, slots, rows, encode_share)
 
 
 def _ceil(x: float) -> float:

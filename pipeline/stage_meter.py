@@ -80,7 +80,9 @@ class StageTotals:
 
 @ray.remote(num_cpus=0)
 class StageMeter:
-    """Collects what the encode actors report: their start-up, then one call per batch."""
+    """Collects what the encode actors report: their start-up, then one call per batch.
+    Start it with `start_meter`: on the driver's node, which the job can not outlive anyway
+    (a meter on a worker node would die with it, spot preemption being routine)."""
 
     def __init__(self):
         self.totals = StageTotals()
@@ -101,6 +103,15 @@ class StageMeter:
 
     def get(self) -> StageTotals:
         return self.totals
+
+
+def start_meter() -> ray.actor.ActorHandle:
+    """A StageMeter on this (the driver's) node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    strategy = NodeAffinitySchedulingStrategy(node_id=here, soft=False)
+    return StageMeter.options(scheduling_strategy=strategy).remote()
 
 
 @dataclass

@@ -82,11 +82,11 @@ from pipeline.segments import (
 )
 from pipeline.stage_meter import (
     StageCosts,
-    StageMeter,
     StageReport,
     decode_video_timed,
     measure_stage_costs,
     stage_report,
+    start_meter,
 )
 
 logger = logging.getLogger(__name__)
@@ -567,8 +567,8 @@ def build_plan(
     tag = cfg.tag
     decoded = (
         ray.data.from_arrow(pending.select(["video_id", *SOURCE_COLUMNS]))
-        # One decode task per encode batch: enough tasks to keep every CPU busy.
-        .repartition(target_num_rows_per_block=tag.batch_size)
+        # A few videos per decode task (sizing): every slot busy early; batches span tasks.
+        .repartition(target_num_rows_per_block=sizing.decode_rows_per_task)
         .map(
             decode_video_timed,
             fn_kwargs=decode_kwargs(cfg, image_size, filesystems),
@@ -632,7 +632,8 @@ def size_stages(
         kwargs = decode_kwargs(cfg, facts.image_size, filesystems)
         rows = encode.slice(0, 2).to_pylist()
         costs = measure_stage_costs(rows, lambda n: clip_encode_s(facts.model, n), **kwargs)
-    sizing = size_tagging(tag, cpus, num_gpus, costs.encode_share if costs else None)
+    share = costs.encode_share if costs else None
+    sizing = size_tagging(tag, cpus, num_gpus, encode.num_rows, share)
     logger.info("%s%s", sizing.format_line().strip(), _costs_text(costs))
     return sizing
 
@@ -838,7 +839,7 @@ def run_tagging(
         clock = time.perf_counter()
         summary.sizing = size_stages(cfg, facts, encode, filesystems)
         summary.startup["stage sizing"] = time.perf_counter() - clock
-        meter = StageMeter.remote()
+        meter = start_meter()
         encode_started = time.time()
         plan = build_plan(
             encode,

@@ -63,7 +63,9 @@ def test_bf16_autocast_encode_matches_fp32_for_vit_b16(temporal):
         fp32 = model.encode_video(frames)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             bf16 = model.encode_video(frames)
-    assert bf16.dtype == torch.bfloat16 and fp32.dtype == torch.float32
+    # The embedding comes out of F.normalize, which autocast runs in float32; the encoder ran
+    # in bf16 all the same, so the two differ, a little.
+    assert fp32.dtype == torch.float32 and not torch.equal(bf16.float(), fp32)
     assert _cosine(bf16, fp32).min() > 0.99
     # Different clips stay apart: the check is not passed by a constant output.
     assert _cosine(fp32[:1], fp32[1:]).max() < 0.999
@@ -78,6 +80,9 @@ def _tagger_batch(frames: np.ndarray, errors: list[str | None]) -> dict[str, np.
         "num_frames": np.full(n, 100),
         "duration_s": np.full(n, 4.0),
         "error": np.array(errors, dtype=object),
+        "error_kind": np.array([e and "transient" for e in errors], dtype=object),
+        "source_size": np.full(n, 1000),
+        "source_mtime": np.array(["2026-12-04T00:00:00+00:00"] * n, dtype=object),
         "decode_s": np.full(n, 0.01),
     }
 

@@ -104,9 +104,17 @@ def _tag(**fields):
 def test_on_gpu_the_encode_actor_holds_one_cpu_and_decode_the_rest():
     from pipeline.resources import size_tagging
 
-    sizing = size_tagging(_tag(encode_actors=2), cpus=16, encode_num_gpus=1.0, encode_share=0.9)
+    tag = _tag(encode_actors=2, batch_size=64)
+    sizing = size_tagging(tag, cpus=16, encode_num_gpus=1.0, videos=600, encode_share=0.9)
     assert (sizing.encode_num_cpus, sizing.torch_threads, sizing.decode_num_cpus) == (1, 1, 1)
     assert sizing.decode_slots == 14
+    # 600 videos on 14 slots: 11 per task, not one task per 64-clip batch (10 tasks, so 4
+    # slots idle and the first batch only after a whole task of 64 videos).
+    assert sizing.decode_rows_per_task == 11
+    many = size_tagging(tag, cpus=16, encode_num_gpus=1.0, videos=10**6)
+    assert many.decode_rows_per_task == 16
+    few = size_tagging(tag, cpus=16, encode_num_gpus=1.0, videos=5)
+    assert few.decode_rows_per_task == 1
 
 
 @pytest.mark.parametrize(
@@ -118,7 +126,7 @@ def test_on_cpu_encode_holds_its_measured_share_and_one_decode_task_per_core_fit
 ):
     from pipeline.resources import size_tagging
 
-    sizing = size_tagging(_tag(), cpus=cpus, encode_num_gpus=0.0, encode_share=share)
+    sizing = size_tagging(_tag(), cpus=cpus, encode_num_gpus=0.0, videos=100, encode_share=share)
     # Capped so that at least one core (half of a 2-core node) is left to decode.
     assert sizing.encode_num_cpus == pytest.approx(encode)
     assert sizing.torch_threads == threads
@@ -130,7 +138,7 @@ def test_sizes_set_in_the_config_are_kept_and_checked():
     from pipeline.resources import size_tagging
 
     tag = _tag(decode_num_cpus=2, encode_num_cpus=0.5, torch_threads=3)
-    sizing = size_tagging(tag, cpus=8, encode_num_gpus=0.0, encode_share=0.9)
+    sizing = size_tagging(tag, cpus=8, encode_num_gpus=0.0, videos=100, encode_share=0.9)
     assert (sizing.decode_num_cpus, sizing.encode_num_cpus, sizing.torch_threads) == (2, 0.5, 3)
     assert sizing.decode_slots == 3  # (8 - 0.5) // 2
     with pytest.raises(ConfigError, match="tag.decode_num_cpus"):
