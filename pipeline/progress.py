@@ -14,7 +14,7 @@ Where progress is read (real completions, never wall time alone):
   `write_datasink` / `to_arrow_refs`: no thread, no extra stage, the plan itself unchanged.
 - Ray Train (training): optimizer steps the workers count on a `StepCounter` actor; the
   driver plans and runs `fit()` in a thread, watches the counter, and on a stall kills the
-  run's controller (its workers and placement group go with it).
+  run's controller (its workers go with it) and removes the placement groups it created.
 """
 
 from __future__ import annotations
@@ -181,8 +181,10 @@ def fit_watched(
                 stall.observe(ray.get(counter.count.remote()), _train_state)
     except BaseException:
         stopped.set()
-        if _stop_train_controllers():
+        controllers = _stop_train_controllers()
+        if controllers:
             thread.join(ABORT_WAIT_S)  # fit() returns once its controller is gone
+            _remove_placement_groups_of(controllers)
         raise
     if "error" in outcome:
         raise outcome["error"]
@@ -196,18 +198,35 @@ def _train_state() -> str:
     )
 
 
-def _stop_train_controllers() -> bool:
-    """Kill this job's Ray Train controllers; True if there was one. Killing, not
+def _stop_train_controllers() -> set[str]:
+    """Kill this job's Ray Train controllers; their actor ids (hex). Killing, not
     `TrainController.abort`: on a full cluster the controller may itself wait to be placed
     (then there is no handle to ask), and a controller that is scheduling may not answer.
-    Its workers and placement group go with it, as when a driver exits."""
+    Its workers go with it."""
     from ray._private import state  # the GCS actor table; pinned Ray version
 
     worker = ray._private.worker.global_worker
-    stopped = False
+    stopped = set()
     job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
     for actor in state.actors(job_id=job).values():
         if actor["ActorClassName"] == "TrainController" and actor["State"] != "DEAD":
             worker.core_worker.kill_actor(ray.ActorID.from_hex(actor["ActorID"]), True)
-            stopped = True
+            stopped.add(actor["ActorID"])
     return stopped
+
+
+def _remove_placement_groups_of(creators: set[str]) -> None:
+    """Remove the placement groups the actors `creators` (hex ids) created. Ray frees a
+    placement group only once its creating actor *and* job are gone, so without this a
+    driver that lives on (a notebook, a service, the next job of a test session) keeps the
+    aborted run's CPUs reserved, and a pending group would take them when they free up."""
+    from ray._private import state  # the GCS placement group table; pinned Ray version
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    accessor = state.state._connect_and_get_accessor()
+    for raw in accessor.get_placement_group_table():
+        info = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        removed = info.state == gcs_pb2.PlacementGroupTableData.REMOVED
+        if info.creator_actor_id.hex() in creators and not removed:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(info.placement_group_id)))
