@@ -128,9 +128,9 @@ class DecodeAndEncode:
 
 
 def fused_pipeline(cfg: Config, uris: list[str], cores: int) -> list[str]:
+    blocks = -(-len(uris) // cfg.tag.batch_size)  # no repartition task: the actors hold every CPU
     rows = (
-        ray.data.from_items([{"uri": u} for u in uris])
-        .repartition(target_num_rows_per_block=cfg.tag.batch_size)
+        ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=blocks)
         .map_batches(
             DecodeAndEncode,
             fn_constructor_kwargs={"cfg": cfg},
@@ -172,10 +172,13 @@ def whole_commands(args: argparse.Namespace, manifest: str, labels: str, work: P
     print("jobs/tag.py summary:\n" + summary_text)
 
 
-def load_line(cores: int) -> str:
+def load_line(cores: int, before: bool) -> str:
+    """The load average; before the run, flagged when other work already fills the cores (after
+    it, this benchmark's own work counts too)."""
     load = os.getloadavg()
-    busy = "  ABOVE the core count: not a result" if load[0] > cores else ""
-    return f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {cores} cores{busy}"
+    busy = "  ABOVE the core count: not a result" if before and load[0] > cores else ""
+    when = "before" if before else "after"
+    return f"load average {when}: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {cores} cores{busy}"
 
 
 def make_inputs(work: Path, args: argparse.Namespace) -> tuple[list[str], str, str]:
@@ -229,7 +232,7 @@ def main() -> None:
         uris = pq.read_table(args.dataloader_only)["uri"].to_pylist()
         data_loader(cfg, uris, cores, {})
         return
-    print(load_line(cores))
+    print(load_line(cores, before=True))
     work = Path(tempfile.mkdtemp(prefix="ovml-bench-"))
     uris, manifest, labels = make_inputs(work, args)
 
@@ -268,7 +271,7 @@ def main() -> None:
     ray.shutdown()
     if args.whole_command:
         whole_commands(args, manifest, labels, work)
-    print(load_line(cores))
+    print(load_line(cores, before=False))
 
 
 if __name__ == "__main__":

@@ -111,9 +111,12 @@ class TagSizing:
         )
 
 
-# Videos per decode task at most: a task's videos reach the encoder together, so a long task
-# delays the first batch and leaves slots idle at the end of a run.
+# Videos per decode task at most, when their decode cost is not measured (GPU nodes): a
+# task's videos reach the encoder together, so a long task delays the first batch and leaves
+# slots idle at the end of a run. When measured: about DECODE_TASK_S of work per task, enough
+# to amortise the per-task and per-block overhead of Ray Data (tens of ms) on cheap videos.
 MAX_DECODE_ROWS_PER_TASK = 16
+DECODE_TASK_S = 1.0
 
 
 def size_tagging(
@@ -122,6 +125,7 @@ def size_tagging(
     encode_num_gpus: float,
     videos: int,
     encode_share: float | None = None,
+    decode_s: float | None = None,
 ) -> TagSizing:
     """Fill the fields of `tag` left to the job (None) for a cluster of `cpus` CPUs.
 
@@ -131,9 +135,10 @@ def size_tagging(
     tasks are sized so that one per core fits in the rest, so every core the encoder does
     not use decodes. Fields set in the config are kept as they are.
 
-    Each decode task takes a few of the `videos`: at least 4 tasks per slot, at most
-    tag.batch_size and MAX_DECODE_ROWS_PER_TASK videos (the encoder gathers its batches from
-    several tasks), so every slot has work from the start and the first batch comes early."""
+    Each decode task takes a few of the `videos`: at least 4 tasks per slot, so every slot has
+    work from the start and the first batch comes early; and about DECODE_TASK_S of decoding
+    when `decode_s` (seconds per video) was measured, else at most tag.batch_size and
+    MAX_DECODE_ROWS_PER_TASK videos (the encoder gathers its batches across tasks)."""
     actors = tag.encode_actors
     if encode_num_gpus > 0:
         encode = tag.encode_num_cpus or 1.0
@@ -148,7 +153,11 @@ def size_tagging(
         decode = tag.decode_num_cpus or max(_floor(room / max(cpus, 1.0)), 0.01)
     slots = math.floor(max(cpus - actors * encode, 0.0) / decode + 1e-9)
     per_task = math.ceil(videos / (4 * max(slots, 1)))
-    rows = max(1, min(per_task, tag.batch_size, MAX_DECODE_ROWS_PER_TASK))
+    if decode_s:
+        cap = math.floor(DECODE_TASK_S / decode_s)
+    else:
+        cap = min(tag.batch_size, MAX_DECODE_ROWS_PER_TASK)
+    rows = max(1, min(per_task, cap))
     return TagSizing(encode_num_gpus, encode, threads, decode, slots, rows, encode_share)
 
 

@@ -632,8 +632,8 @@ def size_stages(
         kwargs = decode_kwargs(cfg, facts.image_size, filesystems)
         rows = encode.slice(0, 2).to_pylist()
         costs = measure_stage_costs(rows, lambda n: clip_encode_s(facts.model, n), **kwargs)
-    share = costs.encode_share if costs else None
-    sizing = size_tagging(tag, cpus, num_gpus, encode.num_rows, share)
+    share, decode_s = (costs.encode_share, costs.decode_s) if costs else (None, None)
+    sizing = size_tagging(tag, cpus, num_gpus, encode.num_rows, share, decode_s)
     logger.info("%s%s", sizing.format_line().strip(), _costs_text(costs))
     return sizing
 

@@ -143,3 +143,15 @@ def test_sizes_set_in_the_config_are_kept_and_checked():
     assert sizing.decode_slots == 3  # (8 - 0.5) // 2
     with pytest.raises(ConfigError, match="tag.decode_num_cpus"):
         Config.from_dict({"tag": {"decode_num_cpus": 0}})
+
+
+def test_cheap_measured_videos_go_many_to_a_decode_task_and_costly_ones_few():
+    from pipeline.resources import size_tagging
+
+    tag = _tag(batch_size=4)
+    cheap = size_tagging(tag, cpus=2, encode_num_gpus=0.0, videos=400, decode_s=0.018)
+    assert cheap.decode_rows_per_task == 50  # 400 / (4 tasks x 2 slots); 1 s of work is 55
+    costly = size_tagging(tag, cpus=2, encode_num_gpus=0.0, videos=1200, decode_s=0.15)
+    assert costly.decode_rows_per_task == 6  # about 1 s of decoding each
+    slow = size_tagging(tag, cpus=2, encode_num_gpus=0.0, videos=1200, decode_s=5.0)
+    assert slow.decode_rows_per_task == 1
