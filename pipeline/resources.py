@@ -117,6 +117,10 @@ class TagSizing:
 # to amortise the per-task and per-block overhead of Ray Data (tens of ms) on cheap videos.
 MAX_DECODE_ROWS_PER_TASK = 16
 DECODE_TASK_S = 1.0
+# CPUs per part-file write task: none reserved. Writing a block of tag rows is light, and a
+# write task that asked for a whole CPU waited for a decode slot to free up each time, which
+# idled decode about half of a run on a 2-core node.
+WRITE_NUM_CPUS = 0
 
 
 def size_tagging(

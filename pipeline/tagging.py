@@ -66,6 +66,7 @@ from pipeline.parquet_io import (
 from pipeline.progress import EXIT_NO_PROGRESS, NoProgressError, watch_plan
 from pipeline.remote_checkpoint import local_checkpoint
 from pipeline.resources import (
+    WRITE_NUM_CPUS,
     TagSizing,
     actor_device,
     gpus_per_actor,
@@ -596,7 +597,10 @@ def build_plan(
         compute=ray.data.ActorPoolStrategy(
             min_size=tag.encode_actors_min or tag.encode_actors, max_size=tag.encode_actors
         ),
-        batch_size=tag.batch_size,
+        # Rows per call: a decode task's worth when that is more than one forward pass
+        # (the actor runs tag.batch_size clips per pass): Ray Data's cost per call (tens of
+        # ms on a busy CPU) dominated cheap clips at 4 rows a call.
+        batch_size=max(tag.batch_size, sizing.decode_rows_per_task),
         batch_format="numpy",
         num_cpus=sizing.encode_num_cpus,
         num_gpus=num_gpus,
@@ -883,7 +887,7 @@ def _write(
     # Stalled for tag.no_progress_timeout_s: Ray Data stops the plan and NoProgressError rises.
     what = "the tagging plan (decode, encode, part-file writes)"
     watch_plan(plan, "tag.no_progress_timeout_s", tag.no_progress_timeout_s, what)
-    plan.write_datasink(sink)
+    plan.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_NUM_CPUS})
     summary.parts += sink.written
     fs, _ = resolve(summary.out, filesystems)
     written = read_parts(fs, sink.written, ["video_id", "error"])
