@@ -6,6 +6,12 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Callable
+
+# Exit codes of every job: 0 done; 1 the work failed (every video errored, training failed);
+# 2 what the user gave is wrong (config, checkpoint, vocabulary, paths); 3 no progress for
+# <section>.no_progress_timeout_s (pipeline.progress). Scripts and schedulers branch on them.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_PROGRESS = 0, 1, 2, 3
 
 # command -> (module with `main(argv)`, one-line help). Modules import Ray lazily, on use.
 COMMANDS = {
@@ -40,6 +46,30 @@ def add_overrides(parser: argparse.ArgumentParser, help: str) -> None:
         metavar="SECTION.KEY=VALUE",
         help=help,
     )
+
+
+def run_job(body: Callable[[], int], usage_errors: tuple[type[Exception], ...] = ()) -> int:
+    """Every job's main(): console logging, then `body()` (which prints its summary and
+    returns the exit code). What the user gave being wrong (a config, checkpoint or
+    vocabulary error, or one of the job's `usage_errors`) prints `error: ...` and exits 2; a
+    stalled job (`NoProgressError`) exits 3."""
+    from ovml_core.checkpoint import CheckpointError
+    from ovml_core.config import ConfigError
+    from ovml_core.vocabulary import VocabularyError
+    from pipeline.progress import NoProgressError
+
+    log_to_console()
+    try:
+        return body()
+    except (ConfigError, CheckpointError, VocabularyError, *usage_errors) as err:
+        return print_error(err, EXIT_USAGE)
+    except NoProgressError as err:
+        return print_error(err, EXIT_NO_PROGRESS)
+
+
+def print_error(err: BaseException | str, code: int) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return code
 
 
 def log_to_console() -> None:

@@ -30,7 +30,10 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.cli import log_to_console
+from pipeline.cli import (
+    EXIT_OK,
+    run_job,
+)
 from pipeline.manifest import Filesystems, resolve
 from pipeline.parquet_io import (
     PART_PREFIX,
@@ -43,7 +46,6 @@ from pipeline.parquet_io import (
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_USAGE = 0, 2
 PROGRESS_EVERY = 0.1  # log deletions every tenth of the parts
 
 
@@ -132,14 +134,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    log_to_console()
-    try:
-        result = compact(args.out)
-    except CompactionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    print(result.format())
-    return EXIT_OK
+
+    def body() -> int:
+        print(compact(args.out).format())
+        return EXIT_OK
+
+    return run_job(body, usage_errors=(CompactionError,))
 
 
 if __name__ == "__main__":

@@ -30,13 +30,12 @@ import argparse
 import csv
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from ovml_core.config import Config, ConfigError
+from ovml_core.config import Config
 from ovml_core.evaluation import (
     EvaluationInput,
     SampleVideo,
@@ -46,8 +45,12 @@ from ovml_core.evaluation import (
 )
 from ovml_core.finetune import json_safe
 from ovml_core.metrics import PlattScaling
-from ovml_core.vocabulary import VocabularyError, normalise_label, read_vocabulary
-from pipeline.cli import job_parser, log_to_console
+from ovml_core.vocabulary import normalise_label, read_vocabulary
+from pipeline.cli import (
+    EXIT_OK,
+    job_parser,
+    run_job,
+)
 from pipeline.decode import decode_video
 from pipeline.manifest import read_manifest
 from pipeline.parquet_io import read_tags, write_text_atomic
@@ -57,7 +60,6 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
 SAMPLE_FRAME_SIZE = 64
-EXIT_OK, EXIT_CONFIG = 0, 2
 
 
 class EvaluationError(ValueError):
@@ -250,8 +252,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    log_to_console()
-    try:
+
+    def body() -> int:
         cfg = Config.from_yaml(args.config, args.overrides)
         calibration = read_calibration(args.calibration) if args.calibration else None
         metrics = run_evaluation(
@@ -265,12 +267,12 @@ def main(argv: list[str] | None = None) -> int:
             calibration=calibration,
             fit=args.fit_calibration,
         )
-    except (ConfigError, EvaluationError, VocabularyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
-    summary = {k: metrics[k] for k in ("map", "map_base", "map_novel", "harmonic_mean", "ece")}
-    if "calibrated" in metrics:
-        summary["calibrated"] = metrics["calibrated"]
-    print(json.dumps(json_safe({**summary, "by_type": metrics["by_type"]})))
-    print(f"report: {Path(args.out) / REPORT_FILE}")
-    return EXIT_OK
+        keys = ("map", "map_base", "map_novel", "harmonic_mean", "ece")
+        summary = {k: metrics[k] for k in keys}
+        if "calibrated" in metrics:
+            summary["calibrated"] = metrics["calibrated"]
+        print(json.dumps(json_safe({**summary, "by_type": metrics["by_type"]})))
+        print(f"report: {Path(args.out) / REPORT_FILE}")
+        return EXIT_OK
+
+    return run_job(body, usage_errors=(EvaluationError,))

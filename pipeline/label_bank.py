@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import posixpath
-import sys
 import time
 from dataclasses import dataclass
 
@@ -29,17 +28,18 @@ import torch
 from ovml_core.checkpoint import CheckpointError, model_fingerprint
 from ovml_core.config import Config, ConfigError, LabelBankConfig
 from ovml_core.label_embedder import LabelEmbedder, load_vocabulary
-from ovml_core.vocabulary import VocabularyError
-from pipeline.cli import job_parser, log_to_console
+from pipeline.cli import (
+    EXIT_OK,
+    job_parser,
+    run_job,
+)
 from pipeline.manifest import Filesystems, resolve
 from pipeline.parquet_io import label_bank_schema, write_parquet_atomic
-from pipeline.progress import EXIT_NO_PROGRESS, NoProgressError, watch_plan
+from pipeline.progress import watch_plan
 from pipeline.resources import actor_device, gpus_per_actor
 from pipeline.tagging import ModelSource
 
 logger = logging.getLogger(__name__)
-
-EXIT_OK, EXIT_CONFIG = 0, 2
 
 
 class LabelBankActor:
@@ -244,15 +244,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    log_to_console()
-    try:
+
+    def body() -> int:
         cfg = Config.from_yaml(args.config, args.overrides)
         summary = build_label_bank(cfg, args.labels, args.out, checkpoint=args.checkpoint)
-    except (ConfigError, CheckpointError, VocabularyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
-    except NoProgressError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_NO_PROGRESS
-    print(summary.format())
-    return EXIT_OK
+        print(summary.format())
+        return EXIT_OK
+
+    return run_job(body)

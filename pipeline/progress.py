@@ -29,7 +29,6 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 # The exit status of a job stopped by its no_progress_timeout_s (1: failed, 2: configuration).
-EXIT_NO_PROGRESS = 3
 
 
 class NoProgressError(RuntimeError):

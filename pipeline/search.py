@@ -30,20 +30,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from ovml_core.checkpoint import CheckpointError, model_fingerprint
-from ovml_core.config import Config, ConfigError
+from ovml_core.checkpoint import model_fingerprint
+from ovml_core.config import Config
 from ovml_core.evaluation import png_bytes
 from ovml_core.label_embedder import LabelEmbedder, clip_token_budget
 from ovml_core.model import OVMLModel
 from ovml_core.vocabulary import normalise_label
-from pipeline.cli import job_parser, log_to_console
+from pipeline.cli import (
+    EXIT_OK,
+    job_parser,
+    run_job,
+)
 from pipeline.decode import decode_video
 from pipeline.parquet_io import read_tags, write_text_atomic
 from pipeline.tagging import ModelSource, printable
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_CONFIG = 0, 2
 COLUMNS = ["video_id", "uri", "embedding", "error", "model_fingerprint"]
 SCORE_CHUNK = 65536  # stored rows converted to float32 and scored at a time
 THUMBNAIL_SIZE = 160
@@ -237,8 +240,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    log_to_console()
-    try:
+
+    def body() -> int:
         cfg = Config.from_yaml(args.config, args.overrides)
         result = run_search(
             cfg,
@@ -248,13 +251,12 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint=args.checkpoint,
             html_file=args.html,
         )
-    except (ConfigError, CheckpointError, SearchError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
-    print(format_result(result, args.tags))
-    if args.html:
-        print(f"html: {args.html}")
-    return EXIT_OK
+        print(format_result(result, args.tags))
+        if args.html:
+            print(f"html: {args.html}")
+        return EXIT_OK
+
+    return run_job(body, usage_errors=(SearchError,))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -45,12 +44,16 @@ import pyarrow.compute as pc
 import ray
 import torch
 
-from ovml_core.checkpoint import CheckpointError, load_checkpoint, model_fingerprint
+from ovml_core.checkpoint import load_checkpoint, model_fingerprint
 from ovml_core.config import Config, ConfigError, ModelConfig, TagConfig
 from ovml_core.label_embedder import LabelEmbedder, load_vocabulary
 from ovml_core.model import OVMLModel, as_stored, create_model
-from ovml_core.vocabulary import VocabularyError
-from pipeline.cli import job_parser, log_to_console
+from pipeline.cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    job_parser,
+    run_job,
+)
 from pipeline.manifest import Filesystems, read_manifest, resolve, source_stats
 from pipeline.parquet_io import (
     INDEX_COLUMNS,
@@ -63,7 +66,7 @@ from pipeline.parquet_io import (
     read_tags,
     tags_schema,
 )
-from pipeline.progress import EXIT_NO_PROGRESS, NoProgressError, watch_plan
+from pipeline.progress import watch_plan
 from pipeline.remote_checkpoint import local_checkpoint
 from pipeline.resources import (
     WRITE_NUM_CPUS,
@@ -92,7 +95,6 @@ from pipeline.stage_meter import (
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_ALL_FAILED, EXIT_CONFIG = 0, 1, 2
 DECODE_TASKS_PER_WORKER = 200
 
 
@@ -697,7 +699,7 @@ class TagSummary:
     def exit_code(self) -> int:
         """1 when every video of the manifest failed: none tagged now, none tagged before."""
         done = self.ok or self.skipped or self.rescored
-        return EXIT_ALL_FAILED if self.errored and not done else EXIT_OK
+        return EXIT_FAILED if self.errored and not done else EXIT_OK
 
     def format(self) -> str:
         lines = [
@@ -930,8 +932,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    log_to_console()
-    try:
+
+    def body() -> int:
         cfg = Config.from_yaml(args.config, args.overrides)
         summary = run_tagging(
             cfg,
@@ -942,11 +944,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint=args.checkpoint,
             full=args.full,
         )
-    except (ConfigError, CheckpointError, VocabularyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
-    except NoProgressError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_NO_PROGRESS
-    print(summary.format())
-    return summary.exit_code()
+        print(summary.format())
+        return summary.exit_code()
+
+    return run_job(body)

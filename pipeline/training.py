@@ -33,7 +33,6 @@ import io
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -47,9 +46,9 @@ import ray.train.torch
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ovml_core.checkpoint import CONFIG_FILE, CheckpointError, load_label_state
+from ovml_core.checkpoint import CONFIG_FILE, load_label_state
 from ovml_core.clip import clip_image_params, create_clip, resolve_pretrained
-from ovml_core.config import Config, ConfigError
+from ovml_core.config import Config
 from ovml_core.finetune import (
     STATE_FILE,
     Objective,
@@ -69,12 +68,16 @@ from ovml_core.finetune import (
     with_last,
 )
 from ovml_core.model import OVMLModel, create_model
-from pipeline.cli import job_parser, log_to_console
+from pipeline.cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    job_parser,
+    print_error,
+    run_job,
+)
 from pipeline.manifest import resolve
 from pipeline.parquet_io import atomic_output, write_text_atomic
 from pipeline.progress import (
-    EXIT_NO_PROGRESS,
-    NoProgressError,
     Stall,
     fit_watched,
     step_counter,
@@ -91,7 +94,6 @@ METRICS_CSV = "metrics.csv"
 ATTRIBUTES_JSON = "attributes.json"
 # Resuming needs only the latest checkpoint; one older one survives an interrupted upload.
 CHECKPOINTS_TO_KEEP = 2
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 # ---------------------------------------------------------------- the loop (one per worker)
@@ -458,21 +460,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    log_to_console()
-    try:
+
+    def body() -> int:
         cfg = Config.from_yaml(args.config, args.overrides)
-        result = run_training(cfg)
-    except (ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
-    except ray.train.TrainingFailedError as err:
-        print(f"error: training failed; rerun the same command to resume: {err}", file=sys.stderr)
-        return EXIT_FAILED
-    except NoProgressError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_NO_PROGRESS
-    print(f"run: {result.path}")
-    if result.checkpoint is not None:
-        print(f"exported model (tag with it): {run_folder(cfg)}/{MODEL_DIR}")
-    print(f"metrics: {json.dumps(result.metrics, default=float)}")
-    return EXIT_OK
+        try:
+            result = run_training(cfg)
+        except ray.train.TrainingFailedError as err:
+            message = f"training failed; rerun the same command to resume: {err}"
+            return print_error(message, EXIT_FAILED)
+        print(f"run: {result.path}")
+        if result.checkpoint is not None:
+            print(f"exported model (tag with it): {run_folder(cfg)}/{MODEL_DIR}")
+        print(f"metrics: {json.dumps(result.metrics, default=float)}")
+        return EXIT_OK
+
+    return run_job(body)

@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from ovml_core.config import Config, ConfigError
+from pipeline.cli import EXIT_NO_PROGRESS
 from pipeline.label_bank import build_label_bank
 from pipeline.parquet_io import read_tags
-from pipeline.progress import EXIT_NO_PROGRESS, NoProgressError
+from pipeline.progress import NoProgressError
 from pipeline.tagging import main as tag_main
 from tests.conftest import TINY_CONFIG
 from tests.test_training import _config as train_config

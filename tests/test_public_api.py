@@ -30,3 +30,27 @@ def test_importing_the_config_does_not_load_the_model_stack():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_every_job_exits_through_one_runner_with_the_same_codes(capsys, tmp_path):
+    from ovml_core.config import ConfigError
+    from pipeline.cli import EXIT_NO_PROGRESS, EXIT_USAGE, run_job
+    from pipeline.compaction import main as compact_main
+    from pipeline.progress import NoProgressError
+
+    def raising(err):
+        def body():
+            raise err
+
+        return body
+
+    assert run_job(lambda: 7) == 7
+    assert run_job(raising(ConfigError("tag.threshold: bad"))) == EXIT_USAGE
+    assert capsys.readouterr().err.strip() == "error: tag.threshold: bad"
+    assert run_job(raising(NoProgressError("stalled"))) == EXIT_NO_PROGRESS
+    assert run_job(raising(KeyError("x")), usage_errors=(KeyError,)) == EXIT_USAGE
+    with pytest.raises(RuntimeError):  # a bug is not a usage error: it surfaces
+        run_job(raising(RuntimeError("bug")))
+    # A job's own usage error goes through the same runner: compacting what is no tags folder.
+    assert compact_main([str(tmp_path / "missing")]) == EXIT_USAGE
+    assert capsys.readouterr().err.startswith("error: ")
