@@ -30,10 +30,7 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.cli import (
-    EXIT_OK,
-    run_job,
-)
+from pipeline.cli import EXIT_OK, run_job
 from pipeline.manifest import Filesystems, resolve
 from pipeline.parquet_io import (
     PART_PREFIX,

@@ -46,11 +46,7 @@ from ovml_core.evaluation import (
 from ovml_core.finetune import json_safe
 from ovml_core.metrics import PlattScaling
 from ovml_core.vocabulary import normalise_label, read_vocabulary
-from pipeline.cli import (
-    EXIT_OK,
-    job_parser,
-    run_job,
-)
+from pipeline.cli import EXIT_OK, job_parser, run_job
 from pipeline.decode import decode_video
 from pipeline.manifest import read_manifest
 from pipeline.parquet_io import read_tags, write_text_atomic

@@ -28,11 +28,7 @@ import torch
 from ovml_core.checkpoint import CheckpointError, model_fingerprint
 from ovml_core.config import Config, ConfigError, LabelBankConfig
 from ovml_core.label_embedder import LabelEmbedder, load_vocabulary
-from pipeline.cli import (
-    EXIT_OK,
-    job_parser,
-    run_job,
-)
+from pipeline.cli import EXIT_OK, job_parser, run_job
 from pipeline.manifest import Filesystems, resolve
 from pipeline.parquet_io import label_bank_schema, write_parquet_atomic
 from pipeline.progress import watch_plan

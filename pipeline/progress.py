@@ -26,9 +26,8 @@ from typing import Any
 
 import ray
 from ray.data._internal.execution.execution_callback import ExecutionCallback
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-# The exit status of a job stopped by its no_progress_timeout_s (1: failed, 2: configuration).
+from pipeline.resources import on_driver_node
 
 
 class NoProgressError(RuntimeError):
@@ -145,9 +144,7 @@ class StepCounter:
 
 
 def step_counter() -> ray.actor.ActorHandle:
-    node = ray.get_runtime_context().get_node_id()
-    strategy = NodeAffinitySchedulingStrategy(node, soft=False)
-    return StepCounter.options(scheduling_strategy=strategy).remote()
+    return StepCounter.options(scheduling_strategy=on_driver_node()).remote()
 
 
 def fit_watched(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ovml_core.config import Config, ConfigError, TagConfig
 
@@ -68,6 +69,13 @@ def actor_device(num_gpus: float) -> str:
             "it does not have"
         )
     return "cuda"
+
+
+def on_driver_node() -> NodeAffinitySchedulingStrategy:
+    """Scheduling for the small actors a job talks to on every batch or step (stage meter,
+    step counter): the driver's node, which the job cannot outlive anyway; on a worker node
+    they would die with it, and spot preemption is routine."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def init_ray() -> None:
@@ -144,18 +152,19 @@ def size_tagging(
     when `decode_s` (seconds per video) was measured, else at most tag.batch_size and
     MAX_DECODE_ROWS_PER_TASK videos (the encoder gathers its batches across tasks)."""
     actors = tag.encode_actors
-    if encode_num_gpus > 0:
+    on_gpu = encode_num_gpus > 0
+    if on_gpu:
         encode = tag.encode_num_cpus or 1.0
         threads = tag.torch_threads or 1
-        decode = tag.decode_num_cpus or 1.0
     else:
         share = DEFAULT_ENCODE_SHARE if encode_share is None else encode_share
         most = max(cpus - min(1.0, cpus / 2), 0.01) / actors
         encode = tag.encode_num_cpus or min(max(_ceil(share * cpus / actors), 0.01), most)
         threads = tag.torch_threads or max(1, round(encode))
-        room = max(cpus - actors * encode, 0.0)
-        decode = tag.decode_num_cpus or max(_floor(room / max(cpus, 1.0)), 0.01)
-    slots = math.floor(max(cpus - actors * encode, 0.0) / decode + 1e-9)
+    free = max(cpus - actors * encode, 0.0)
+    one_per_core = max(_floor(free / max(cpus, 1.0)), 0.01)
+    decode = tag.decode_num_cpus or (1.0 if on_gpu else one_per_core)
+    slots = math.floor(free / decode + 1e-9)
     per_task = math.ceil(videos / (4 * max(slots, 1)))
     if decode_s:
         cap = math.floor(DECODE_TASK_S / decode_s)

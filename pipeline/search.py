@@ -36,11 +36,7 @@ from ovml_core.evaluation import png_bytes
 from ovml_core.label_embedder import LabelEmbedder, clip_token_budget
 from ovml_core.model import OVMLModel
 from ovml_core.vocabulary import normalise_label
-from pipeline.cli import (
-    EXIT_OK,
-    job_parser,
-    run_job,
-)
+from pipeline.cli import EXIT_OK, job_parser, run_job
 from pipeline.decode import decode_video
 from pipeline.parquet_io import read_tags, write_text_atomic
 from pipeline.tagging import ModelSource, printable

@@ -81,8 +81,7 @@ class StageTotals:
 @ray.remote(num_cpus=0)
 class StageMeter:
     """Collects what the encode actors report: their start-up, then one call per batch.
-    Start it with `start_meter`: on the driver's node, which the job can not outlive anyway
-    (a meter on a worker node would die with it, spot preemption being routine)."""
+    Start it with `start_meter` (on the driver's node)."""
 
     def __init__(self):
         self.totals = StageTotals()
@@ -106,12 +105,10 @@ class StageMeter:
 
 
 def start_meter() -> ray.actor.ActorHandle:
-    """A StageMeter on this (the driver's) node."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    """A StageMeter on the driver's node."""
+    from pipeline.resources import on_driver_node  # driver only: decode workers skip torch
 
-    here = ray.get_runtime_context().get_node_id()
-    strategy = NodeAffinitySchedulingStrategy(node_id=here, soft=False)
-    return StageMeter.options(scheduling_strategy=strategy).remote()
+    return StageMeter.options(scheduling_strategy=on_driver_node()).remote()
 
 
 @dataclass

@@ -48,12 +48,7 @@ from ovml_core.checkpoint import load_checkpoint, model_fingerprint
 from ovml_core.config import Config, ConfigError, ModelConfig, TagConfig
 from ovml_core.label_embedder import LabelEmbedder, load_vocabulary
 from ovml_core.model import OVMLModel, as_stored, create_model
-from pipeline.cli import (
-    EXIT_FAILED,
-    EXIT_OK,
-    job_parser,
-    run_job,
-)
+from pipeline.cli import EXIT_FAILED, EXIT_OK, job_parser, run_job
 from pipeline.manifest import Filesystems, read_manifest, resolve, source_stats
 from pipeline.parquet_io import (
     INDEX_COLUMNS,
@@ -85,6 +80,7 @@ from pipeline.segments import (
     stored_segments,
 )
 from pipeline.stage_meter import (
+    COST_PROBE_VIDEOS,
     StageCosts,
     StageReport,
     decode_video_timed,
@@ -636,7 +632,7 @@ def size_stages(
     costs = None
     if num_gpus == 0 and auto:
         kwargs = decode_kwargs(cfg, facts.image_size, filesystems)
-        rows = encode.slice(0, 2).to_pylist()
+        rows = encode.slice(0, COST_PROBE_VIDEOS).to_pylist()
         costs = measure_stage_costs(rows, lambda n: clip_encode_s(facts.model, n), **kwargs)
     share, decode_s = (costs.encode_share, costs.decode_s) if costs else (None, None)
     sizing = size_tagging(tag, cpus, num_gpus, encode.num_rows, share, decode_s)

@@ -68,13 +68,7 @@ from ovml_core.finetune import (
     with_last,
 )
 from ovml_core.model import OVMLModel, create_model
-from pipeline.cli import (
-    EXIT_FAILED,
-    EXIT_OK,
-    job_parser,
-    print_error,
-    run_job,
-)
+from pipeline.cli import EXIT_FAILED, EXIT_OK, job_parser, print_error, run_job
 from pipeline.manifest import resolve
 from pipeline.parquet_io import atomic_output, write_text_atomic
 from pipeline.progress import (
