@@ -3,8 +3,8 @@
     python bench/moving_fashion_ablation.py --data runs/moving-fashion/data [--size quick] [--seeds 0 1]
         [--variants zero_shot temporal_divided ...] [--set train.distill_weight=0.3]
 
-Variants are the configs in configs/moving_fashion/ (`zero_shot` is evaluated as it is, once,
-at the first seed: it has nothing to train; the others are fine-tuned with the training job
+Variants are the configs in configs/moving_fashion/ (`zero_shot` is evaluated as it is: it has
+nothing to train, so its seeds must agree; the others are fine-tuned with the training job
 first). Every variant runs the real jobs in one process and one local Ray instance:
 `pipeline.training.run_training`, then `pipeline.tagging.run_tagging` of the val and the test
 clips with the full vocabulary (novel labels included) and again, re-scored from the stored
@@ -20,13 +20,16 @@ folders, e.g. a grid of regularizer weights into the same --out). Every row reco
 fingerprint of the code (git HEAD + sha256 of `git diff HEAD`, Markdown excluded), of the
 resolved config, of the stage-0 CLIP weights and of the benchmark; a rerun with the same --out
 runs only the rows it does not hold yet, and refuses (naming the run and what changed) when a
-row or run folder there was made with another fingerprint. The CLIP weights of stage 0 must
+row or run folder there was made with another fingerprint. Several invocations may run into one
+--out at once (bench/moving_fashion_study.py does): each starts its own local Ray and adds its
+rows to ablation.json under a lock. The CLIP weights of stage 0 must
 exist (jobs/pretrain_clip.py); the benchmark is built first if --data does not hold it.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -259,7 +262,10 @@ def write_val_manifest(data: Path, out: Path) -> Path:
     table = read_manifest(str(data / mf.MANIFEST))
     path = out / VAL_MANIFEST
     out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table.filter(pc.equal(table["split"], "val")), path)
+    # Atomic: a parallel invocation into the same --out may be reading it.
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    pq.write_table(table.filter(pc.equal(table["split"], "val")), partial)
+    os.replace(partial, path)
     return path
 
 
@@ -360,6 +366,17 @@ def run_variant(stamp: dict, data: Path, out: Path, val_manifest: Path) -> dict:
     return row | {"train_s": trained - started, "total_s": time.perf_counter() - started}
 
 
+def add_row(results: Path, row: dict) -> list[dict]:
+    """Add a finished run's row to ablation.json, re-read under a lock: invocations running in
+    parallel into one --out share the file. Returns every row."""
+    with open(results.with_name(".ablation.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(results.read_text()) if results.is_file() else []
+        rows.append(json_safe(row))
+        write_text_atomic(str(results), json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
 def publish(checkpoint: str, directory: Path) -> Path:
     """Copy a variant's checkpoint for the demo, naming its CLIP weights relative to the
     repository (the runs name them by absolute path) so that a clone anywhere loads it."""
@@ -409,7 +426,10 @@ def cell(values: list[float], digits: int) -> str:
 def table(rows: list[dict]) -> str:
     """One line per variant setting, in run order: the mean over its seeds, +- their
     standard deviation when there are several."""
-    settings = list(dict.fromkeys(setting_name(r["variant"], r.get("overrides", ())) for r in rows))
+    ordered = sorted(rows, key=lambda r: ORDER.index(r["variant"]))  # stable: runs' order within
+    settings = list(
+        dict.fromkeys(setting_name(r["variant"], r.get("overrides", ())) for r in ordered)
+    )
     lines = [
         "| variant | seeds | " + " | ".join(h for _, _, h in COLUMNS) + " |",
         "|" + "---|" * (len(COLUMNS) + 2),
@@ -432,7 +452,7 @@ def planned_stamps(args: argparse.Namespace, data: Path, out: Path) -> list[dict
     code = code_fingerprint()
     stamps = []
     for name in args.variants:
-        for seed in args.seeds[:1] if name in UNTRAINED else args.seeds:
+        for seed in args.seeds:
             cfg = variant_config(name, data, out, seed, args.overrides)
             stamps.append(
                 {
@@ -493,14 +513,14 @@ def main(argv: list[str] | None = None) -> int:
         print(table(rows))
         return EXIT_OK
     val_manifest = write_val_manifest(data, out)
-    ray.init(num_cpus=max(os.cpu_count() or 1, 2))
+    # A Ray of its own ("local"): never one that a parallel invocation started.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2))
     for stamp in todo:
         path = stamp_path(out, stamp["run"])
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(str(path), json.dumps(stamp, indent=1) + "\n")
-        rows.append(run_variant(stamp, data, out, val_manifest))
+        rows = add_row(results, run_variant(stamp, data, out, val_manifest))
         print(table(rows), flush=True)
-        write_text_atomic(str(results), json.dumps(json_safe(rows), indent=1) + "\n")
     print(f"\n{table(rows)}\n\nreports: {out / 'eval'}/<run>/<split>/report.html")
     return EXIT_OK
 

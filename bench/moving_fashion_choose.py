@@ -10,8 +10,11 @@ a val number:
 - the regularizer of `full`: the best of the regularized variants (distill, l2sp, patch) run;
 - a regularizer weight: the value of --weight (read from each row's resolved config) whose rows
   of --weight-variant have the highest val HM (a grid: run the ablation with --set over it);
-- the demo checkpoint: the seed of the best setting with the highest val HM, and its tagging
-  threshold: the one with the best micro F1 on that run's val base labels.
+- the demo checkpoint (models/moving-fashion-tiny/checkpoint: prompt labels, so tagging needs
+  no LLM): the seed with the highest val HM of the best prompt-label setting, and its tagging
+  threshold: the one with the best micro F1 on that run's val base labels;
+- the soft-attribute checkpoint (models/moving-fashion-tiny/soft): the same among the settings
+  with soft attributes (soft_attributes, full), when any ran.
 """
 
 from __future__ import annotations
@@ -99,16 +102,29 @@ def choose(rows: list[dict], weight: str | None = None, weight_variant: str = "d
         if not candidates:
             raise ChoiceError(f"--weight-variant {weight_variant}: no rows of it")
         choices["weight"] = best(group(candidates, lambda r: str(config_value(r, weight))))
-    winner = group(rows, setting)[choices["variant"][0]]
-    demo = max(winner, key=lambda r: r["val"][KEY])
-    choices["demo"] = {
-        "run": demo["run"],
-        "checkpoint": demo["checkpoint"],
-        "val_hm": demo["val"][KEY],
-        "test_hm": demo["test"][KEY],
-        "threshold": demo["val"]["base_f1_threshold"],
-    }
+    choices["demo"] = best_run([r for r in rows if label_encoder(r) == "prompt"])
+    soft = [r for r in rows if label_encoder(r) == "soft"]
+    if soft:
+        choices["soft"] = best_run(soft)
     return choices
+
+
+def label_encoder(row: dict) -> str:
+    return row["config"].get("model", {}).get("label_encoder", "prompt")
+
+
+def best_run(rows: list[dict]) -> dict:
+    """The seed with the highest val HM of the setting with the highest mean val HM, and its
+    tagging threshold (best micro F1 on that run's val base labels)."""
+    winner = group(rows, setting)[best(group(rows, setting))[0]]
+    run = max(winner, key=lambda r: r["val"][KEY])
+    return {
+        "run": run["run"],
+        "checkpoint": run["checkpoint"],
+        "val_hm": run["val"][KEY],
+        "test_hm": run["test"][KEY],
+        "threshold": run["val"]["base_f1_threshold"],
+    }
 
 
 def fmt(s: dict, split: str) -> str:
@@ -138,15 +154,15 @@ def report(choices: dict, weight: str | None) -> str:
             seeds = ",".join(map(str, s["seeds"]))
             lines.append(f"| {candidate}{mark} | {seeds} | {fmt(s, 'val')} | {fmt(s, 'test')} |")
         lines.append("")
-    demo = choices["demo"]
-    lines.append(
-        f"demo checkpoint: {demo['run']} (val HM {demo['val_hm']:.3f}; test HM "
-        f"{demo['test_hm']:.3f}, not used): {demo['checkpoint']}"
-    )
-    lines.append(
-        f"demo threshold (tag.threshold): {demo['threshold']:.4g}, the best micro F1 on that "
-        "run's val base labels"
-    )
+    for name, title in (("demo", "demo checkpoint (prompt labels)"), ("soft", "soft checkpoint")):
+        if name not in choices:
+            continue
+        run = choices[name]
+        lines.append(
+            f"{title}: {run['run']} (val HM {run['val_hm']:.3f}; test HM {run['test_hm']:.3f}, "
+            f"not used): {run['checkpoint']}; its threshold (tag.threshold): "
+            f"{run['threshold']:.4g}, the best micro F1 on that run's val base labels"
+        )
     return "\n".join(lines)
 
 

@@ -204,3 +204,20 @@ def test_settings_get_their_own_runs(bench_out):
     assert other["fingerprint"]["config_sha256"] != plain["fingerprint"]["config_sha256"]
     # A row of one setting is no reason to refuse (nor reuse) the other.
     assert ablation.check_reuse(out, [plain], other) is False
+
+
+def test_soft_checkpoint_is_chosen_among_soft_runs_and_the_demo_among_prompt_runs():
+    choose = load_bench("moving_fashion_choose")
+    rows = hand_made()
+    soft = [
+        row("soft_attributes", 0, 0.60, 0.10, threshold=0.05),
+        row("soft_attributes", 1, 0.62, 0.10, threshold=0.07),
+        row("full", 0, 0.55, 0.90),
+    ]
+    for r in soft:
+        r["config"]["model"] = {"label_encoder": "soft"}
+    made = choose.choose(rows + soft)
+    assert made["variant"][0] == "soft_attributes"  # best val HM of all
+    assert made["demo"]["run"] == rows[3]["run"]  # the demo keeps prompt labels (no LLM)
+    assert made["soft"]["run"] == soft[1]["run"] and made["soft"]["threshold"] == 0.07
+    assert "soft" not in choose.choose(rows)
