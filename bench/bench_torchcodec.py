@@ -3,7 +3,7 @@
 Every peer delivers the T frames displayed at the centres of T equal segments of the video, as
 uint8 [T, S, S, 3] RGB, shorter side resized to S and centre-cropped:
 
-    pyav-exact      ovml_core.video.sample_frames, mode auto (our default, exact frames)
+    pyav-exact      ovml_core.video.sample_frames, mode exact (exact frames)
     tc-exact        torchcodec VideoDecoder(seek_mode="exact"): a scan of the file, then
                     get_frames_played_at(times); full-size RGB resized as ours (_square_rgb)
     tc-approx       the same with seek_mode="approximate" (no scan: seeks from the header)
@@ -90,7 +90,7 @@ def planned_clip(path: Path, num_frames: int, size: int) -> Clip:
 
 
 def pyav_exact(num_frames: int) -> Callable:
-    limits = VideoConfig(decoder_threads=1, mode="auto", max_decode_s=3600.0)
+    limits = VideoConfig(decoder_threads=1, mode="exact", max_decode_s=3600.0)
 
     def peer(clip: Clip, size: int):
         return sample_frames(clip.video.path, num_frames, size, limits)[0], None

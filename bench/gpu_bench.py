@@ -204,8 +204,8 @@ def measure_decode(s: Settings, cfg: Config, size: int, work: Path) -> list[dict
     rows = []
     for seconds in s.decode_lengths_s:
         clip = generated_clip(work, seconds, s.video_width, s.video_height)
-        # A full decode of a long video is what `auto` exists to avoid: not worth the time.
-        modes = ("sequential", "seek", "auto") if seconds <= 60 else ("seek", "auto")
+        # A full decode of a long video is what exact sampling exists to avoid: not worth the time.
+        modes = ("sequential", "seek", "exact") if seconds <= 60 else ("seek", "exact")
         for mode in modes:
             timing = decode_seconds(clip, cfg, size, mode, s.decode_repeats)
             rows.append(

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU readiness check, one run on a bare GPU machine without network (< 9 min on 1 H200,
+# GPU readiness check, one run on a bare GPU machine without network (< 9.5 min on 1 H200,
 # 16 cores): install from a local wheel folder, run the GPU tests, measure, write one JSON.
 #
 #   bench/gpu_check.sh WHEEL_DIR [--dry-run] [--out FILE]     # fresh venv from WHEEL_DIR
@@ -8,12 +8,12 @@
 #
 # --site-wheels DIR (repeatable): a GPU image that already holds CUDA torch, numpy, pyarrow,
 # transformers... (python3): the wheels in DIR (no dependencies resolved) go into .gpusite/ of
-# the repository, which is put on PYTHONPATH. bench/gpu_wheels.sh builds DIR for such an image
+# the repository (or $OVML_GPU_SITE), which is put on PYTHONPATH. bench/gpu_wheels.sh builds DIR for such an image
 # (ray, PyAV, open_clip and what they miss); it splits them in two folders when one transfer
 # to the machine is size-limited: a first call with --install-only, then the run.
 #
 # --dry-run: the same steps with tiny sizes (on a host without CUDA the GPU tests skip themselves), ~2 minutes.
-# Every step runs under its own time limit, so the whole stays under 9 minutes; a step that
+# Every step runs under its own time limit, so the whole stays under 9.5 minutes; a step that
 # hits its limit is logged with exit code 124 (the encoder keeps the rows it measured).
 #
 # The wheel folder, built on a connected machine of the same platform and Python version:
@@ -38,15 +38,16 @@ while [[ $# -gt 0 ]]; do
   esac
   shift
 done
+SITE=${OVML_GPU_SITE:-$REPO/.gpusite}
 if [[ ${#SITE_WHEELS[@]} -gt 0 ]]; then
   PYTHON=${PYTHON:-python3}
   for dir in "${SITE_WHEELS[@]}"; do
     "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir \
-      --upgrade --target "$REPO/.gpusite" "$dir"/*.whl
+      --upgrade --target "$SITE" "$dir"/*.whl
   done
   # Ray's workers inherit PYTHONPATH: they import the carried packages and this repository.
-  export PYTHONPATH="$REPO/.gpusite:$REPO${PYTHONPATH:+:$PYTHONPATH}"
-  [[ -n "$INSTALL_ONLY" ]] && { echo "installed into $REPO/.gpusite"; exit 0; }
+  export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+  [[ -n "$INSTALL_ONLY" ]] && { echo "installed into $SITE"; exit 0; }
 fi
 if [[ -z "$WHEELS" && -z "$PYTHON" ]]; then
   sed -n '2,17p' "$0" >&2
@@ -93,6 +94,17 @@ BENCH=("$PYTHON" -m bench.gpu_bench --out "$OUT" --work "$WORK/clips" $DRY_RUN -
 step decode 45 "${BENCH[@]}" decode
 step encoder 110 "${BENCH[@]}" encoder
 step tagging 120 "${BENCH[@]}" tagging
+# GPU decode (issue 16): torchcodec on NVDEC beside PyAV, CPU-s per video, into the log. It
+# needs a CUDA build of torchcodec (PyPI's wheels are CPU-only: carry one from
+# download.pytorch.org/whl/cu130 with --site-wheels) and runs on PyAV's bundled FFmpeg.
+if "$PYTHON" -c "import torchcodec" 2>/dev/null; then
+  CUDA=()
+  "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" && CUDA=(--cuda)
+  step gpu-decode 45 "$PYTHON" -m bench.bench_torchcodec --pyav-ffmpeg "${CUDA[@]}" \
+    --rounds 1 --seconds 10 --gops 30 250 --cache-dir "$WORK/torchcodec"
+else
+  echo "== gpu-decode: not run, no torchcodec here (a CUDA build must be carried as a wheel)"
+fi
 # Results of the tests and the steps' exit codes and times go into the same JSON.
 junit=()
 [[ -f "$WORK/junit.xml" ]] && junit=(--junit "$WORK/junit.xml")

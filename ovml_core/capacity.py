@@ -96,19 +96,20 @@ class Figure:
 MEASURED_DECODE_S = {
     "sequential": ((10.0, 0.656), (60.0, 3.737)),
     "seek": ((10.0, 2.203), (60.0, 1.840), (300.0, 1.753)),
-    "auto": ((10.0, 0.664), (60.0, 1.745), (300.0, 1.663)),
+    "exact": ((10.0, 0.664), (60.0, 1.745), (300.0, 1.663)),
     # bench/bench_decode.py, 1280x720 h264 25 fps GOP 250 (T / frames per CPU-s). Up to about
     # 80 s the keyframes (10 s apart) are too sparse for 8 segments and it samples exactly.
     "keyframe": ((10.0, 0.257), (60.0, 0.948), (300.0, 0.251)),
-    # On those clips cheapest makes keyframe's choices (exact at 10 s: short; at 60 s: keyframes
-    # too sparse; keyframes at 5 min, predicted 4.4x cheaper), so it does the same work. With
-    # keyframes ~1 s apart it stays exact (predicted 1.4x, under its 2x margin): plan with auto.
-    "cheapest": ((10.0, 0.257), (60.0, 0.948), (300.0, 0.251)),
+    # On those clips auto makes keyframe's choices (exact at 10 s: short; at 60 s: keyframes
+    # too sparse; at 5 min keyframes at most 5 s from centres 37.5 s apart, within a quarter
+    # segment, predicted 4.4x cheaper), so it does the same work. With keyframes ~1 s apart it
+    # stays exact (predicted 1.4x, under its 2x margin): plan such video with exact.
+    "auto": ((10.0, 0.257), (60.0, 0.948), (300.0, 0.251)),
 }
 
 
 def measured_decode_source(mode: str) -> str:
-    bench = "bench/bench_decode.py" if mode in ("keyframe", "cheapest") else "bench/gpu_bench.py"
+    bench = "bench/bench_decode.py" if mode in ("keyframe", "auto") else "bench/gpu_bench.py"
     return f"measured: dev CPU (2 shared cores), 720p h264, {bench}, see BENCHMARKS.md"
 
 

@@ -108,21 +108,25 @@ class VideoConfig:
     max_decode_s: float = 60.0  # wall-clock budget per video, remote reads included
     max_bytes: int = 8 << 30  # size of the video file
     decoder_threads: int = 2
-    # auto: decode on, and seek only when a keyframe lies before the next sampled frame (one
-    # pass for short clips, a seek per sample for long ones). sequential / seek: never / always.
+    # exact: the frame at each sampled time; decode on, and seek only when a keyframe lies
+    # before the next sampled frame (one pass for short clips, a seek per sample for long ones).
+    # sequential / seek: exact, never / always seeking.
     # keyframe: the keyframe nearest each sampled time, decoded alone (no decode forward from
     # it); a video whose keyframes are too sparse for that (one farther than half a segment
-    # from its time) is sampled exactly, as in auto.
-    # cheapest: per video, keyframe where keyframes are dense enough and predicted (from the
-    # demuxed frame table) at least 2x cheaper, on videos of 30 s and more; exact (auto) else.
-    mode: str = "auto"  # auto | sequential | seek | keyframe | cheapest
+    # from its time) is sampled exactly.
+    # auto: per video, keyframes where each is within a quarter segment of its time (no
+    # measurable tag loss, BENCHMARKS.md) and predicted (from the demuxed frame table) at least
+    # 2x cheaper, on videos of 30 s and more; exact otherwise. Rows say which (`sampling`).
+    mode: str = "auto"  # auto | exact | sequential | seek | keyframe
     # pyav: PyAV's bundled FFmpeg. torchcodec: torchcodec decodes the frames the same plan picks
     # (optional extra `ovml[torchcodec]`, plus FFmpeg's shared libraries, which it does not ship;
     # about on par with PyAV on CPU, see BENCHMARKS.md).
     decoder: str = "pyav"  # pyav | torchcodec
 
     def validate(self, prefix: str = "video") -> None:
-        modes = ("auto", "sequential", "seek", "keyframe", "cheapest")
+        if self.mode == "cheapest":
+            raise ConfigError(f"{prefix}.mode: 'cheapest' is now called 'auto' (the default)")
+        modes = ("auto", "exact", "sequential", "seek", "keyframe")
         _choice(f"{prefix}.mode", self.mode, modes)
         _choice(f"{prefix}.decoder", self.decoder, ("pyav", "torchcodec"))
         if self.decoder == "torchcodec":

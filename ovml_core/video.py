@@ -121,7 +121,7 @@ def sample_frames(
     within the limits. Meta: duration_s, fps, codec, width and height (as displayed), rotation,
     frame_count, frame_times_s (of the sampled frames, from the stream's start), seeks,
     decoded_frames (frames the decoder produced; both None with video.decoder=torchcodec), sampling ("exact", or "keyframe" when
-    video.mode keyframe or cheapest used keyframes), decode_s.
+    video.mode keyframe or auto used keyframes), decode_s.
     """
     frames, _, meta = sample_segments(uri, num_frames, size, 0.0, limits, filesystem)
     return frames[0], meta
@@ -486,9 +486,12 @@ def _should_seek(mode: str, table: _FrameTable, position: int | None, target: Fr
     return i < len(table.keyframes) and table.keyframes[i] <= target
 
 
-# video.mode=cheapest: a video shorter than this stays exact (little to save, and a keyframe
-# may stand half a segment away from its time).
-CHEAPEST_MIN_S = 30.0
+# video.mode=auto: a video shorter than this stays exact (little to save).
+AUTO_MIN_S = 30.0
+# auto takes a keyframe for a sampled time only within this share of its segment: a quarter
+# measured no tag loss against exact sampling, half a segment (what mode keyframe accepts) lost
+# 0.008 mAP (bench/bench_keyframe_agreement.py, BENCHMARKS.md).
+AUTO_REACH = Fraction(1, 4)
 # Predicted decode cost, in units of one frame decoded on in sequence: a keyframe costs more (an
 # intra frame, several times a predicted one, and a seek and decoder flush before it when alone);
 # converting a sampled frame to RGB costs both plans alike. Resolution scales both plans alike,
@@ -497,8 +500,8 @@ CHEAPEST_MIN_S = 30.0
 # 4.07-4.20 at 10 s GOP 30, 60-300 s GOP 30 and 300 s GOP 250; BENCHMARKS.md, keyframe section).
 KEYFRAME_COST = 25.0
 CONVERT_COST = 12.0
-# cheapest uses keyframes only when the prediction says they cost at most 1/margin of exact.
-CHEAPEST_MARGIN = 2.0
+# auto uses keyframes only when the prediction says they cost at most 1/margin of exact.
+AUTO_MARGIN = 2.0
 
 
 def _keyframe_plan(
@@ -509,25 +512,26 @@ def _keyframe_plan(
     duration_s: float,
 ) -> list[int] | None:
     """The keyframes to decode alone (one per target), or None to sample exactly: mode
-    keyframe whenever keyframes are dense enough (`_nearest_keyframes`); mode cheapest only
-    when, in addition, the video is at least CHEAPEST_MIN_S long and `predicted_costs` says
-    keyframes are CHEAPEST_MARGIN times cheaper."""
-    if mode not in ("keyframe", "cheapest"):
+    keyframe whenever keyframes are within half a segment (`_nearest_keyframes`); mode auto
+    only within AUTO_REACH of a segment, on videos of AUTO_MIN_S and more, and when
+    `predicted_costs` says keyframes are AUTO_MARGIN times cheaper."""
+    if mode == "keyframe":
+        return _nearest_keyframes(table, targets, reach)
+    if mode != "auto" or duration_s < AUTO_MIN_S:
         return None
-    if mode == "cheapest" and duration_s < CHEAPEST_MIN_S:
+    # `reach` is half a segment.
+    keyframes = _nearest_keyframes(table, targets, [r * 2 * AUTO_REACH for r in reach])
+    if keyframes is None:
         return None
-    keyframes = _nearest_keyframes(table, targets, reach)
-    if mode == "keyframe" or keyframes is None:
-        return keyframes
     exact, alone = predicted_costs(table, targets, keyframes)
-    return keyframes if alone * CHEAPEST_MARGIN <= exact else None
+    return keyframes if alone * AUTO_MARGIN <= exact else None
 
 
 def predicted_costs(
     table: _FrameTable, targets: list[Fraction], keyframes: list[int]
 ) -> tuple[float, float]:
     """Predicted decode cost (frame units, see KEYFRAME_COST) of sampling `targets`
-    exactly, as `_decode_targets` plans it in mode auto, and of decoding `keyframes` alone.
+    exactly, as `_decode_targets` plans it in mode exact, and of decoding `keyframes` alone.
 
     From the demuxed frame table only: exact decodes every frame from where it stands (or from
     the keyframe it seeks to) up to the first frame past each target."""
@@ -536,7 +540,7 @@ def predicted_costs(
     position: int | None = None  # time of the last frame decoded
     next_index = 0  # index in table.times of the next frame the decoder would produce
     for target in targets:
-        if _should_seek("auto", table, position, target):
+        if _should_seek("exact", table, position, target):
             seek_to = table.keyframes[bisect.bisect_right(table.keyframes, target) - 1]
             next_index = bisect.bisect_left(table.times, seek_to)
         # Frames up to the first one past the target (which resolves it), or to the end.
@@ -555,8 +559,8 @@ def _nearest_keyframes(
     table: _FrameTable, targets: list[Fraction], reach: list[Fraction]
 ) -> list[int] | None:
     """The shown keyframe nearest each target (the earlier one on a tie), or None when one of
-    them is farther than its `reach` (half its segment) from its target: too sparse to stand for
-    it. Within reach, a keyframe stays inside the target's segment and so inside its window."""
+    them is farther than its `reach` (at most half its segment) from its target: too sparse to
+    stand for it. Within reach, a keyframe stays inside the target's segment and window."""
     shown = [k for k in table.keyframes if k >= table.start] if table.has_pts else []
     if not shown:
         return None

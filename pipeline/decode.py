@@ -27,7 +27,7 @@ from ovml_core.video import VideoDecodeError, sample_segments
 from pipeline.manifest import Filesystems, check_scheme, resolve, uri_scheme
 
 # Columns decode_video adds to a manifest row.
-DECODED_COLUMNS = ("frames", "num_frames", "duration_s", "error", "error_kind")
+DECODED_COLUMNS = ("frames", "num_frames", "duration_s", "sampling", "error", "error_kind")
 
 
 def decode_video(
@@ -42,8 +42,8 @@ def decode_video(
     max_segments: int = 720,
 ) -> dict[str, Any]:
     """`row` (with `uri`) plus frames uint8 [T, size, size, 3] ([S, T, size, size, 3] and
-    segment_bounds with `segment_s` > 0), num_frames (in the video), duration_s and error (None
-    when the frames are valid)."""
+    segment_bounds with `segment_s` > 0), num_frames (in the video), duration_s, sampling
+    ("exact" or "keyframe", see video.mode) and error (None when the frames are valid)."""
     uri = row.get("uri") or ""
     windows = {"segment_s": segment_s, "max_segments": max_segments}
     try:
@@ -57,6 +57,7 @@ def decode_video(
         out = {
             "num_frames": None,
             "duration_s": None,
+            "sampling": None,
             "error": f"{type(err).__name__}: {err}",
             "error_kind": error_kind(err),
         }
@@ -64,6 +65,7 @@ def decode_video(
         out = {
             "num_frames": meta["frame_count"],
             "duration_s": meta["duration_s"],
+            "sampling": meta["sampling"],
             "error": None,
             "error_kind": None,
         }

@@ -98,6 +98,7 @@ def tags_schema(embedding_dim: int | None = None) -> pa.Schema:
         pa.field("segment_s", pa.float64()),  # tag.segment_s it was encoded with; 0 = off
         pa.field("num_frames", pa.int32()),  # frames in the video stream
         pa.field("duration_s", pa.float64()),
+        pa.field("sampling", pa.string()),  # exact | keyframe: which video.mode auto chose
         pa.field("error", pa.string()),  # null when the video was tagged
         # "permanent" (retried only when the file changes) | "transient" (retried next run)
         pa.field("error_kind", pa.string()),

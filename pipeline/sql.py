@@ -10,6 +10,9 @@ Views (re-read on every query, so they follow new runs and compactions):
   `pipeline.parquet_io.read_tags`;
 - `video_tags(video_id, label, score, run_id)`: the current tags (score >= the run's threshold),
   one row per (video, label).
+- `segment_tags(video_id, segment, start_s, end_s, label, score, run_id)`: the current tags of
+  each window of videos tagged with `tag.segment_s` (segment: its index from 0), one row per
+  (video, window, label): where in a video a label holds.
 Table macros:
 - `tags_as_of(r)`: the state after run `r`: per video, its row with the greatest run_id <= r;
 - `new_tags_since(r)`: (video_id, label, score, run_id) for every current tag of a video whose
@@ -39,6 +42,15 @@ CREATE OR REPLACE VIEW tags_current AS
 CREATE OR REPLACE VIEW video_tags AS
     SELECT video_id, tag.label AS label, tag.score AS score, run_id
     FROM (SELECT video_id, run_id, unnest(tags) AS tag FROM tags_current);
+CREATE OR REPLACE VIEW segment_tags AS
+    SELECT video_id, segment, seg.start_s AS start_s, seg.end_s AS end_s,
+           tag.label AS label, tag.score AS score, run_id
+    FROM (
+        SELECT video_id, run_id, segment, seg, unnest(seg.tags) AS tag
+        FROM (
+            SELECT video_id, run_id, unnest(range(len(segments))) AS segment,
+                   unnest(segments) AS seg
+            FROM tags_current WHERE segments IS NOT NULL));
 CREATE OR REPLACE MACRO tags_as_of(r) AS TABLE
     SELECT * FROM tag_rows WHERE run_id <= r
     QUALIFY row_number() OVER (PARTITION BY video_id ORDER BY run_id DESC) = 1;

@@ -333,6 +333,7 @@ class VideoTagger:
             "top_k": top_k,
             "num_frames": _where(ok, batch["num_frames"], int),
             "duration_s": _where(ok, batch["duration_s"], float),
+            "sampling": _optional(batch["sampling"], str),
             "error": errors,
             "error_kind": _optional(batch["error_kind"], str),
             "model_fingerprint": [self.fingerprint] * rows,

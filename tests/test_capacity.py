@@ -128,8 +128,8 @@ def test_plan_command_labels_projections_and_uses_measurements(tmp_path, capsys)
     results = {
         "environment": {"device": "NVIDIA H200"},
         "decode": [
-            {"length_s": 10.0, "mode": "auto", "seconds_per_video": 0.1},
-            {"length_s": 300.0, "mode": "auto", "seconds_per_video": 0.4},
+            {"length_s": 10.0, "mode": "exact", "seconds_per_video": 0.1},
+            {"length_s": 300.0, "mode": "exact", "seconds_per_video": 0.4},
         ],
         "encoder": {
             "rows": [
@@ -139,7 +139,7 @@ def test_plan_command_labels_projections_and_uses_measurements(tmp_path, capsys)
         },
     }
     (tmp_path / "r.json").write_text(json.dumps(results))
-    argv = ["--videos", "100", "--measurements", str(tmp_path / "r.json")]
+    argv = ["--videos", "100", "--mode", "exact", "--measurements", str(tmp_path / "r.json")]
     assert main([*argv, "--gpu-node-price", "5", "--cpu-node-price", "1"]) == 0
     printed = capsys.readouterr().out
     assert "PROJECTION" not in printed
@@ -175,9 +175,9 @@ def test_plan_per_decode_mode_keyframe_needs_fewer_cores_for_long_videos():
     from ovml_core.capacity import default_figures
 
     cores = {}
-    for mode in ("auto", "keyframe"):
+    for mode in ("exact", "keyframe"):
         decode, encode = default_figures(mode, "H200", 0.4)
         plan = plan_capacity(10**6, 8, 300, decode, encode, Node(1, 16), Node(0, 16))
         cores[mode] = plan.cores_needed
         assert ("bench_decode" in plan.decode_core_s.source) == (mode == "keyframe")
-    assert cores["keyframe"] < cores["auto"] / 4
+    assert cores["keyframe"] < cores["exact"] / 4

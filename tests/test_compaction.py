@@ -76,6 +76,7 @@ def _rows(ids: list[str], run_id: str, rng: np.random.Generator, dim: int) -> pa
             "segment_s": [0.0] * n,
             "num_frames": [None if e else 90 for e in errors],
             "duration_s": [None if e else 3.0 for e in errors],
+            "sampling": [None if e else "exact" for e in errors],
             "error": errors,
             "error_kind": ["permanent" if e else None for e in errors],
             "model_fingerprint": ["fp"] * n,

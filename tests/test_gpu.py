@@ -22,6 +22,7 @@ from ovml_core.llm import SMOLLM2_INSTALL, SMOLLM2_PACKAGE
 from ovml_core.model import create_model
 from pipeline.tagging import LabelBank, ModelSource, VideoTagger
 from tests.conftest import REPO, TINY_CONFIG
+from tests.test_tagging import tagger_batch
 from tests.videos import write_indexed_video, write_video
 
 pytestmark = [
@@ -71,22 +72,6 @@ def test_bf16_autocast_encode_matches_fp32_for_vit_b16(temporal):
     assert _cosine(fp32[:1], fp32[1:]).max() < 0.999
 
 
-def _tagger_batch(frames: np.ndarray, errors: list[str | None]) -> dict[str, np.ndarray]:
-    n = len(errors)
-    return {
-        "video_id": np.array([f"v{i}" for i in range(n)], dtype=object),
-        "uri": np.array([f"/videos/v{i}.mp4" for i in range(n)], dtype=object),
-        "frames": frames,
-        "num_frames": np.full(n, 100),
-        "duration_s": np.full(n, 4.0),
-        "error": np.array(errors, dtype=object),
-        "error_kind": np.array([e and "transient" for e in errors], dtype=object),
-        "source_size": np.full(n, 1000),
-        "source_mtime": np.array(["2026-12-04T00:00:00+00:00"] * n, dtype=object),
-        "decode_s": np.full(n, 0.01),
-    }
-
-
 @pytest.mark.parametrize("compile", [False, True])
 def test_encode_actor_on_gpu_matches_the_fp32_cpu_model(compile):
     """The actor's path: valid clips gathered into pinned memory, copied async, preprocessed and
@@ -101,7 +86,7 @@ def test_encode_actor_on_gpu_matches_the_fp32_cpu_model(compile):
     assert tagger.device == "cuda" and model_fingerprint(tagger.model) == fingerprint
     frames = _frames(3, cfg.model.num_frames, cpu_model.image_size).numpy()
     # 3 rows, one an error: a short batch of 2 valid clips (padded to 4 when compiled).
-    table = tagger(_tagger_batch(frames, [None, "ValueError: broken", None]))
+    table = tagger(tagger_batch(frames, [None, "ValueError: broken", None]))
     with torch.inference_mode():
         expected = cpu_model.encode_video(torch.from_numpy(frames[[0, 2]]))
     got = torch.tensor(np.stack(table["embedding"].to_pylist()[::2]))

@@ -109,7 +109,7 @@ def clips(tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("mode", ["auto", "sequential", "seek"])
+@pytest.mark.parametrize("mode", ["exact", "sequential", "seek"])
 def test_each_segment_samples_its_own_window(clips, mode):
     frames, bounds, meta = sample_segments(clips["long"], 4, 32, 10.0, VideoConfig(mode=mode))
     assert frames.shape == (3, 4, 32, 32, 3) and frames.dtype == np.uint8
@@ -136,13 +136,13 @@ def test_keyframe_mode_picks_keyframes_inside_each_window(clips):
 def test_all_segments_come_from_one_forward_pass(clips):
     """No frame is decoded twice: one GOP means no seek at all and at most every frame once,
     where re-seeking per segment would decode from frame 0 for each of the 3 windows."""
-    for mode in ("auto", "sequential"):
+    for mode in ("exact", "sequential"):
         _, _, meta = sample_segments(clips["one_gop"], 4, 32, 10.0, VideoConfig(mode=mode))
         assert meta["seeks"] == 0, mode
         assert meta["decoded_frames"] <= meta["frame_count"] == 250, mode
         assert meta["decoded_frames"] >= 244  # the last target is frame 243
-    # With keyframes every 3 s, auto seeks ahead (forward only) and decodes fewer frames.
-    _, _, meta = sample_segments(clips["long"], 4, 32, 10.0, VideoConfig(mode="auto"))
+    # With keyframes every 3 s, exact sampling seeks ahead (forward only) and decodes fewer frames.
+    _, _, meta = sample_segments(clips["long"], 4, 32, 10.0, VideoConfig(mode="exact"))
     assert meta["seeks"] > 0 and meta["decoded_frames"] < 250
     times = meta["frame_times_s"]
     assert times == sorted(times)

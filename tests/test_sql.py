@@ -227,6 +227,32 @@ def test_new_tags_since_a_run(runs):
     assert connect(str(out)).execute("SELECT count(*) FROM new_tags_since('~')").fetchone() == (0,)
 
 
+def _window(start, end, tags):
+    tags = [{"label": label, "score": score} for label, score in tags.items()]
+    return {"start_s": start, "end_s": end, "tags": tags, "top_k": tags, "embedding": [1.0, 0.0]}
+
+
+def test_segment_tags_are_the_current_rows_windows(tmp_path):
+    schema = tags_schema(2)
+    old = _row("e", RUN1, {"dog": 0.9}) | {"segments": [_window(0.0, 10.0, {"dog": 0.9})]}
+    windows = [_window(0.0, 10.0, {"dog": 0.8}), _window(10.0, 20.0, {"dog": 0.6, "cat": 0.7})]
+    new = _row("e", RUN2, {"dog": 0.8, "cat": 0.7}) | {"segments": windows, "segment_s": 10.0}
+    whole = _row("f", RUN2, {"cat": 0.9})  # tagged without segments: no segment rows
+    pq.write_table(pa.Table.from_pylist([old], schema), tmp_path / f"part-{RUN1}-00000.parquet")
+    pq.write_table(pa.Table.from_pylist([new, whole], schema), tmp_path / f"part-{RUN2}-0.parquet")
+    got = connect(str(tmp_path)).sql(
+        "SELECT video_id, segment, start_s, end_s, label, score, run_id FROM segment_tags "
+        "ORDER BY video_id, segment, label"
+    )
+    assert [row[:5] for row in got.fetchall()] == [
+        ("e", 0, 0.0, 10.0, "dog"),
+        ("e", 1, 10.0, 20.0, "cat"),
+        ("e", 1, 10.0, 20.0, "dog"),
+    ]
+    scores = [row[5] for row in got.fetchall()]
+    assert scores == pytest.approx([0.8, 0.7, 0.6]) and {r[6] for r in got.fetchall()} == {RUN2}
+
+
 def test_views_refuse_what_they_cannot_read(tmp_path):
     with pytest.raises(ConfigError, match="no part files"):
         connect(str(tmp_path))

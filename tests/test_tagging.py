@@ -21,9 +21,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from ovml_core.checkpoint import model_fingerprint
 from ovml_core.config import Config, ConfigError, VideoConfig
+from ovml_core.model import create_model
 from ovml_core.video import sample_frames
-from pipeline.decode import decode_video
+from pipeline.decode import DECODED_COLUMNS, decode_video
 from pipeline.parquet_io import (
     INDEX_COLUMNS,
     TAG_LIST,
@@ -35,7 +37,10 @@ from pipeline.parquet_io import (
     write_parquet_atomic,
 )
 from pipeline.tagging import (
+    LabelBank,
+    ModelSource,
     TagSummary,
+    VideoTagger,
     as_stored,
     main,
     pending_videos,
@@ -52,6 +57,44 @@ OVERRIDES = ["model.init_bias=0.0", "tag.rows_per_file=4"]
 
 
 # ---------------------------------------------------------------- units (no Ray)
+
+
+def tagger_batch(frames: np.ndarray, errors: list[str | None]) -> dict[str, np.ndarray]:
+    """A batch as the encode actors receive it: manifest columns, decode_video's and the decode
+    time. tests/test_gpu.py feeds it to the GPU actor; the test below keeps it current."""
+    n = len(errors)
+    return {
+        "video_id": np.array([f"v{i}" for i in range(n)], dtype=object),
+        "uri": np.array([f"/videos/v{i}.mp4" for i in range(n)], dtype=object),
+        "frames": frames,
+        "num_frames": np.full(n, 100),
+        "duration_s": np.full(n, 4.0),
+        "sampling": np.array([None if e else "exact" for e in errors], dtype=object),
+        "error": np.array(errors, dtype=object),
+        "error_kind": np.array([e and "transient" for e in errors], dtype=object),
+        "source_size": np.full(n, 1000),
+        "source_mtime": np.array(["2026-12-04T00:00:00+00:00"] * n, dtype=object),
+        "decode_s": np.full(n, 0.01),
+    }
+
+
+def test_video_tagger_on_cpu_tags_a_batch_and_keeps_its_error_row():
+    cfg = Config.from_yaml(TINY_CONFIG, ["model.label_encoder=prompt", "tag.emit_embedding=true"])
+    model = create_model(cfg.model)
+    bank = LabelBank(LABELS, model.encode_labels(LABELS).detach().numpy())
+    tagger = VideoTagger(ModelSource(cfg.model), bank, model_fingerprint(model), "v", "r", cfg.tag)
+    shape = (3, cfg.model.num_frames, model.image_size, model.image_size, 3)
+    frames = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    batch = tagger_batch(frames, [None, "ValueError: broken", None])
+    assert set(DECODED_COLUMNS) <= set(batch)  # what decode_video adds, the batch has
+    table = tagger(batch)
+    assert table["sampling"].to_pylist() == ["exact", None, "exact"]
+    assert table["error"].to_pylist() == [None, "ValueError: broken", None]
+    assert table["tags"][1].as_py() is None and table["embedding"][1].as_py() is None
+    with torch.inference_mode():
+        expected = model.encode_video(torch.from_numpy(frames[[0, 2]])).numpy()
+    got = np.stack(table["embedding"].to_pylist()[::2]).astype(np.float32)
+    np.testing.assert_allclose(got, expected, atol=2e-3)  # stored as float16
 
 
 def test_rank_tags_thresholds_and_sorts():
@@ -316,12 +359,13 @@ def test_every_video_yields_one_row_tagged_or_errored(first_run, videos, tiny_ta
         assert iso_seconds(row["source_mtime"]) == pytest.approx(stat.st_mtime, abs=1e-3)
         assert np.linalg.norm(row["embedding"]) == pytest.approx(1.0, abs=1e-2)
         assert row["num_frames"] > 0 and row["duration_s"] > 0
+        assert row["sampling"] == "exact"  # short clips: auto samples exactly
         scores = [t["score"] for t in row["top_k"]]
         assert len(scores) == cfg.tag.top_k and scores == sorted(scores, reverse=True)
         assert all(t["score"] >= cfg.tag.threshold for t in row["tags"])
     for video_id in broken:
         assert rows[video_id]["error"] and rows[video_id]["tags"] is None, video_id
-        assert rows[video_id]["embedding"] is None, video_id
+        assert rows[video_id]["embedding"] is None and rows[video_id]["sampling"] is None
     assert "no video stream" in rows["broken-audio_only"]["error"]
     assert "file not found" in rows["broken-missing"]["error"]
 

@@ -19,7 +19,7 @@ from tests.videos import (
     write_video,
 )
 
-MODES = ("auto", "sequential", "seek")
+MODES = ("exact", "sequential", "seek")
 
 
 def centre_indices(num_source: int, num_frames: int) -> list[int]:
@@ -51,13 +51,13 @@ def test_samples_segment_centres(tmp_path, codec, mode):
     assert meta["frame_times_s"] == pytest.approx([i / 10 for i in centre_indices(60, 8)])
     assert meta["codec"] in {"h264", "mpeg4", "vp9", "libvpx-vp9"}
     expected_seeks = {"sequential": 0, "seek": 8}.get(mode)
-    if expected_seeks is None:  # auto: only where a keyframe lies between samples
+    if expected_seeks is None:  # exact: only where a keyframe lies between samples
         assert 0 < meta["seeks"] < 8
     else:
         assert meta["seeks"] == expected_seeks
 
 
-def test_auto_decodes_short_gop_free_clip_in_one_pass(tmp_path):
+def test_exact_decodes_short_gop_free_clip_in_one_pass(tmp_path):
     path = write_indexed_video(tmp_path / "one_gop.mp4", 40, gop=100)
     frames, meta = sample_frames(path, 5, 32)
     assert indices_of(frames) == centre_indices(40, 5)
@@ -154,7 +154,7 @@ def test_real_clips_agree_across_modes():
     assert len(clips) == 4
     for clip in clips:
         results = {mode: sample_frames(clip, 8, size, VideoConfig(mode=mode)) for mode in MODES}
-        frames, meta = results["auto"]
+        frames, meta = results["exact"]
         assert frames.shape == (8, size, size, 3)
         assert frames.std() > 10  # real picture content, not a blank fill
         for mode in ("sequential", "seek"):
