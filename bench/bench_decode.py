@@ -6,6 +6,8 @@ Every peer delivers the same T frames (those `sample_frames` picks in exact mode
     ours-exact / ours-seq / ours-seek   ovml_core.video.sample_frames, mode exact|sequential|seek
     ours-keyframe   mode keyframe: the keyframe nearest each time, decoded alone (other
                     frames than the rest pick, by design: its "diff" is that approximation)
+    ours-auto       mode auto (the default): per video, keyframe's frames where they are within a
+                    quarter segment and predicted 2x cheaper, else exact's (diff 0)
     ffmpeg-seek     one `ffmpeg -ss t -i F -frames:v 1` process per frame (accurate input seek)
     ffmpeg-select   one `ffmpeg` pass with a `select` filter on the frame numbers
     naive           PyAV decodes every frame, converts every frame to RGB, keeps the T frames
@@ -143,7 +145,9 @@ def demuxed_times(path: Path) -> tuple[list[int], int, Fraction, float]:
 
 def planned_video(path: Path, num_frames: int, size: int) -> Video:
     """Run ours-exact once for its frames; find their frame numbers and ffmpeg seek times."""
-    reference, meta = sample_frames(path, num_frames, size, VideoConfig(decoder_threads=1))
+    reference, meta = sample_frames(
+        path, num_frames, size, VideoConfig(decoder_threads=1, mode="exact")
+    )
     times, keyframes, time_base, file_start_s = demuxed_times(path)
     frame_gap = min(np.diff(times)) if len(times) > 1 else 1
     indices, seek_times = [], []
@@ -238,6 +242,7 @@ def peers(num_frames: int) -> dict[str, Callable[[Video, int], np.ndarray]]:
         "ours-seq": ours("sequential", num_frames),
         "ours-seek": ours("seek", num_frames),
         "ours-keyframe": ours("keyframe", num_frames),
+        "ours-auto": ours("auto", num_frames),
         "ffmpeg-seek": ffmpeg_seek_per_frame,
         "ffmpeg-select": ffmpeg_select_one_pass,
         "naive": naive_full_decode,

@@ -80,7 +80,7 @@ def stream_start_s(path: Path) -> float:
 
 def planned_clip(path: Path, num_frames: int, size: int) -> Clip:
     video = planned_video(path, num_frames, size)
-    _, meta = sample_frames(path, num_frames, size, VideoConfig(decoder_threads=1))
+    _, meta = sample_frames(path, num_frames, size, VideoConfig(decoder_threads=1, mode="exact"))
     start = stream_start_s(path)
     times = [start + (2 * i + 1) * video.duration_s / (2 * num_frames) for i in range(num_frames)]
     return Clip(video, times, [start + t for t in meta["frame_times_s"]], start)
@@ -99,7 +99,7 @@ def pyav_exact(num_frames: int) -> Callable:
 
 
 def via_ovml_torchcodec(num_frames: int) -> Callable:
-    limits = VideoConfig(decoder_threads=1, max_decode_s=3600.0)
+    limits = VideoConfig(decoder_threads=1, mode="exact", max_decode_s=3600.0)
     limits.decoder = "torchcodec"
 
     def peer(clip: Clip, size: int):
