@@ -116,8 +116,8 @@ def label_encoder(row: dict) -> str:
 def best_run(rows: list[dict]) -> dict:
     """The seed with the highest val HM of the setting with the highest mean val HM, and its
     tagging threshold (best micro F1 on that run's val base labels)."""
-    winner = group(rows, setting)[best(group(rows, setting))[0]]
-    run = max(winner, key=lambda r: r["val"][KEY])
+    settings = group(rows, setting)
+    run = max(settings[best(settings)[0]], key=lambda r: r["val"][KEY])
     return {
         "run": run["run"],
         "checkpoint": run["checkpoint"],

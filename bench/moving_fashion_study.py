@@ -5,9 +5,9 @@ distillation weight, `full` made of the regularizer and weight chosen on val, th
         [--size full] [--jobs 2] [--publish]
 
 Each run is one invocation of bench/moving_fashion_ablation.py into the one --out (so the same
-fingerprints, refusals and reuse: a rerun of this command resumes), `--jobs` at a time. A
-training run holds one worker on one CPU, so on 2 cores two runs at once take about half the wall
-time of one after the other. The runs of `full` start once the regularized variants are done:
+fingerprints, refusals and reuse: a rerun of this command resumes), `--jobs` at a time, each
+with its own local Ray. On 2 cores two at once measured no faster than one after the other (a
+training run's decode tasks already keep both busy; BENCHMARKS.md). The runs of `full` start once the regularized variants are done:
 bench/moving_fashion_choose.py picks their regularizer (and, for distill, its weight from the
 grid) on val. At the end it prints the table and the choices, writes them to --out/choices.md,
 and with --publish copies the chosen prompt-label and soft-attribute checkpoints to
@@ -99,8 +99,11 @@ class Scheduler:
         self.done: set[str] = set()
         self.started = time.perf_counter()
 
+    def log(self, run: Run) -> Path:
+        return self.out / "logs" / f"{run.name}.log"
+
     def start(self, run: Run) -> None:
-        log = self.out / "logs" / f"{run.name}.log"
+        log = self.log(run)
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as stream:
             child = subprocess.Popen(
@@ -118,8 +121,9 @@ class Scheduler:
                 del self.running[child]
                 if child.returncode != 0:
                     self.stop()
-                    log = self.out / "logs" / f"{run.name}.log"
-                    raise RuntimeError(f"{run.name} failed ({child.returncode}); see {log}")
+                    raise RuntimeError(
+                        f"{run.name} failed ({child.returncode}); see {self.log(run)}"
+                    )
                 self.done.add(run.name)
                 self.say(f"finished {run.name} in {time.perf_counter() - began:.0f} s")
                 return
@@ -185,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         help=f"copy the chosen checkpoints to {ablation.DEMO_MODEL} and {SOFT_MODEL}",
     )
     args = parser.parse_args(argv)
-    if uncommitted():
-        print(f"error: commit the code first; changed:\n{uncommitted()}", file=sys.stderr)
+    changed = uncommitted()
+    if changed:
+        print(f"error: commit the code first; changed:\n{changed}", file=sys.stderr)
         return 2
     out = Path(args.out).resolve()
     data = Path(args.data).resolve() if args.data else out / "data"
