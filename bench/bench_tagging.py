@@ -4,10 +4,12 @@ All peers decode the same generated h264 clips with `ovml_core.video.sample_fram
 them with the same model and labels; each is timed from "config in hand" to "tags in hand",
 model construction included. The DataLoader has one worker per core. The Ray instance is
 started before timing (on a cluster it is already up); "steady" is the throughput after the
-first batch, start-up excluded. `--fused` adds a Ray peer that decodes and encodes in the same
+first batch, start-up excluded. The pipeline runs twice: as the job chooses on this machine
+(tag.encode_in auto: the driver encodes on a lone CPU node) and with an encode actor pool
+(tag.encode_in=actors, as on clusters that can grow or have GPUs). `--fused` adds a Ray peer that decodes and encodes in the same
 actors (one per core), the alternative to sized stages for small models. `--whole-command`
 times `python jobs/tag.py` as a user runs it (imports, Ray start, model, plan) against a fresh
-process running the DataLoader peer. The load average is printed before and after: a ratio
+process running the DataLoader peer, both ways. The load average is printed before and after: a ratio
 measured while it was above the core count is not a result. Run from the repository root:
 
     .venv/bin/python -m bench.bench_tagging --videos 400 --rounds 2 --fused
@@ -95,11 +97,16 @@ def data_loader(cfg: Config, uris: list[str], workers: int, steady: dict) -> lis
     return tops
 
 
-def ray_pipeline(cfg: Config, manifest: str, labels: str, out: str, steady: dict) -> list[str]:
+ACTORS = "tag.encode_in=actors"
+
+
+def ray_pipeline(
+    cfg: Config, manifest: str, labels: str, out: str, steady: dict, name: str
+) -> list[str]:
     summary = run_tagging(cfg, manifest, out, labels=labels, full=True)
     assert summary.ok == summary.processed, summary.format()
-    steady["ray pipeline"] = summary.stages.steady_videos_per_s
-    steady["summary"] = summary
+    steady[name] = summary.stages.steady_videos_per_s
+    steady[f"summary {name}"] = summary
     return top1_of(out)
 
 
@@ -153,23 +160,25 @@ def whole_commands(args: argparse.Namespace, manifest: str, labels: str, work: P
     loader = [python, "-m", "bench.bench_tagging", "--dataloader-only", manifest]
     loader += ["--config", args.config, *settings]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    best = {}
+    commands = {
+        "DataLoader process": loader,
+        "jobs/tag.py": tag,
+        "jobs/tag.py, actors": [*tag, "--set", ACTORS],
+    }
+    best, summaries = {}, {}
     for _ in range(args.rounds):
-        for name, argv in (("DataLoader process", loader), ("jobs/tag.py", tag)):
+        for name, argv in commands.items():
             started = time.perf_counter()
             done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
             assert done.returncode == 0, done.stderr[-3000:]
             best[name] = min(best.get(name, float("inf")), time.perf_counter() - started)
-            if name == "jobs/tag.py":
-                summary_text = done.stdout
+            summaries[name] = done.stdout
     print(f"\nwhole commands, {args.videos} videos, best of {args.rounds}:")
+    loader_s = best["DataLoader process"]
     for name, seconds in best.items():
-        ratio = best["jobs/tag.py"] / seconds
-        print(f"  {name:<20}{seconds:>8.1f} s  (jobs/tag.py takes {ratio:.2f}x this)")
-    print(
-        f"  DataLoader wall / jobs/tag.py wall: {best['DataLoader process'] / best['jobs/tag.py']:.2f}x"
-    )
-    print("jobs/tag.py summary:\n" + summary_text)
+        print(f"  {name:<22}{seconds:>8.1f} s  (DataLoader wall / this: {loader_s / seconds:.2f}x)")
+    for name in ("jobs/tag.py", "jobs/tag.py, actors"):
+        print(f"{name} summary:\n{summaries[name]}")
 
 
 def load_line(cores: int, before: bool) -> str:
@@ -241,15 +250,22 @@ def main() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     steady: dict = {}
     loader_name = f"DataLoader(num_workers={cores})"
+    actors = Config.from_yaml(args.config, [*args.overrides, ACTORS])
     peers = {
         "plain loop": lambda: plain_loop(cfg, uris),
         loader_name: lambda: data_loader(cfg, uris, cores, steady),
-        "ray pipeline": lambda: ray_pipeline(cfg, manifest, labels, str(work / "tags"), steady),
+        "ray pipeline": lambda: ray_pipeline(
+            cfg, manifest, labels, str(work / "tags"), steady, "ray pipeline"
+        ),
+        "ray pipeline, actors": lambda: ray_pipeline(
+            actors, manifest, labels, str(work / "tags-actors"), steady, "ray pipeline, actors"
+        ),
     }
     if args.fused:
         peers["ray fused decode+encode"] = lambda: fused_pipeline(cfg, uris, cores)
     times, tops = best_times(peers, args.rounds)
-    summary: TagSummary = steady.pop("summary")
+    pipelines = ("ray pipeline", "ray pipeline, actors")
+    summaries: list[TagSummary] = [steady.pop(f"summary {name}") for name in pipelines]
     print(
         f"\n{args.videos} videos ({args.width}x{args.height} h264, {args.seconds:g} s), "
         f"config {Path(args.config).name} {' '.join(args.overrides)}, {cores} cores, "
@@ -265,9 +281,9 @@ def main() -> None:
             f"{times['plain loop'] / seconds:>14.2f}x"
             f"{'' if rate is None else f'{rate:.2f}':>17}  {tops[name] == tops['plain loop']}"
         )
-    pipeline_vs_loader = steady["ray pipeline"] / steady["DataLoader"]
-    print(f"steady: ray pipeline / DataLoader = {pipeline_vs_loader:.2f}x")
-    print("last pipeline run's summary:\n" + summary.format())
+    for name, summary in zip(pipelines, summaries, strict=True):
+        print(f"steady: {name} / DataLoader = {steady[name] / steady['DataLoader']:.2f}x")
+        print(f"last {name} run's summary:\n{summary.format()}")
     ray.shutdown()
     if args.whole_command:
         whole_commands(args, manifest, labels, work)

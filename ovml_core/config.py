@@ -152,6 +152,12 @@ class TagConfig:
     encode_actors: int = 1  # actor pool size of the encode stage (max when autoscaling)
     encode_actors_min: int | None = None  # None = fixed pool of encode_actors
     encode_num_cpus: float | None = None
+    # Where clips are encoded. actors: an actor pool (a process per actor, the model in each).
+    # driver: the job's own process, which already holds the model; only for CPU encoding.
+    # auto: driver when encoding on CPU with one actor on a cluster that is and stays one node
+    # (no autoscaler node groups), else actors. (An actor's start-up, ~5 s of imports, is
+    # a sixth of a 1,200-video run on 2 cores; BENCHMARKS.md.)
+    encode_in: str = "auto"  # auto | actors | driver
     # auto: GPUs when the cluster has or can get GPU nodes (its autoscaler's node groups count,
     # so a GPU group at min_workers 0 is used); cuda: always request GPUs; cpu: never.
     device: str = "auto"  # auto | cuda | cpu
@@ -196,6 +202,12 @@ class TagConfig:
         _positive(f"{prefix}.max_segments", self.max_segments)
         _positive(f"{prefix}.no_progress_timeout_s", self.no_progress_timeout_s, allow_zero=True)
         _check_device(prefix, self.device, "encode_num_gpus", self.encode_num_gpus)
+        _choice(f"{prefix}.encode_in", self.encode_in, ("auto", "actors", "driver"))
+        if self.encode_in == "driver" and self.device == "cuda":
+            raise ConfigError(
+                f"{prefix}.encode_in: 'driver' encodes on the job's CPU; with "
+                f"{prefix}.device=cuda use 'actors' (or 'auto')"
+            )
         for s in self.allowed_schemes:
             _choice(f"{prefix}.allowed_schemes", s, ("file", "s3", "gs"))
 

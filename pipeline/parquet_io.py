@@ -314,13 +314,18 @@ class PartFileDatasink(Datasink[list[str]]):
         tables = [t for t in tables if t.num_rows]
         if not tables:
             return []
-        table = pa.concat_tables(tables).select(self.schema.names).cast(self.schema)
+        return [self.write_table(pa.concat_tables(tables), ctx.task_idx)]
+
+    def write_table(self, table: pa.Table, index: int) -> str:
+        """Commit `table` as the run's part file number `index` (also without Ray Data: the
+        tagging job's driver writes its own when it encodes); its path."""
+        table = table.select(self.schema.names).cast(self.schema)
         fs, directory = resolve(self.out, self.filesystems)
-        # task_idx orders files within a run; the random part keeps a retried task's file apart.
-        name = f"{PART_PREFIX}{self.run_id}-{ctx.task_idx:05d}-{uuid.uuid4().hex[:6]}{PART_SUFFIX}"
+        # index orders files within a run; the random part keeps a retried task's file apart.
+        name = f"{PART_PREFIX}{self.run_id}-{index:05d}-{uuid.uuid4().hex[:6]}{PART_SUFFIX}"
         path = posixpath.join(directory, name)
         write_parquet_atomic(table, fs, path)
-        return [path]
+        return path
 
     def on_write_complete(self, write_result: WriteResult[list[str]]) -> None:
         self.written = sorted(p for paths in write_result.write_returns for p in paths)

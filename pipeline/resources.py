@@ -24,9 +24,9 @@ from ovml_core.config import Config, ConfigError, TagConfig
 logger = logging.getLogger(__name__)
 
 
-def max_cluster_resources() -> dict[str, float]:
-    """The most of each resource the cluster can have: its autoscaler's node groups at their
-    max_count when it publishes them (autoscaler v2, KubeRay), else the nodes there now."""
+def autoscaler_max_resources() -> dict[str, float] | None:
+    """The most of each resource the autoscaler's node groups can have (at their max_count),
+    when it publishes them (autoscaler v2, KubeRay); None without an autoscaler."""
     try:  # ray's own stages read the same private state; it may move between Ray versions
         from ray._private.state import state
 
@@ -34,7 +34,32 @@ def max_cluster_resources() -> dict[str, float]:
     except (ImportError, AttributeError, RuntimeError) as err:
         logger.debug("no autoscaler node groups readable (%s); using the live cluster", err)
         configured = None
-    return dict(configured) if configured else ray.cluster_resources()
+    return dict(configured) if configured else None
+
+
+def max_cluster_resources() -> dict[str, float]:
+    """The most of each resource the cluster can have: its autoscaler's node groups, else the
+    nodes there now."""
+    return autoscaler_max_resources() or ray.cluster_resources()
+
+
+def only_the_driver_node() -> bool:
+    """True when the cluster is the driver's node alone and no autoscaler can add another: a
+    local `ray.init()` or a single `ray start`, not a Ray Client connection."""
+    if ray.util.client.ray.is_connected() or autoscaler_max_resources() is not None:
+        return False
+    alive = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    return alive == [ray.get_runtime_context().get_node_id()]
+
+
+def encode_in_driver(tag: TagConfig, encode_num_gpus: float) -> bool:
+    """Whether the tagging job encodes in its own process (tag.encode_in) rather than in an
+    actor pool. auto: on CPU, one actor, on a cluster that is and stays the driver's node,
+    where an actor would only repeat the driver's imports and model load."""
+    if tag.encode_in != "auto":
+        return tag.encode_in == "driver"
+    one_actor = tag.encode_actors == 1 and tag.encode_actors_min is None
+    return encode_num_gpus == 0 and one_actor and only_the_driver_node()
 
 
 def gpus_per_actor(device: str, num_gpus: float | None, field: str) -> float:
@@ -108,12 +133,16 @@ class TagSizing:
     decode_slots: float  # decode tasks that run at once beside the encode actors
     decode_rows_per_task: int  # videos per decode task (Ray Data block)
     encode_share: float | None = None  # measured share of the work that is encoding
+    # Encoding runs in the driver (tag.encode_in): encode_num_cpus is then what decode leaves
+    # to it, not a Ray request.
+    encode_in_driver: bool = False
 
     def format_line(self) -> str:
         share = "" if self.encode_share is None else f" (encode {self.encode_share:.0%} of work)"
         gpus = f"{self.encode_num_gpus:g} GPU + " if self.encode_num_gpus else ""
+        where = "encode in the driver" if self.encode_in_driver else "encode actor"
         return (
-            f"  sizing    encode actor {gpus}{self.encode_num_cpus:g} CPU, "
+            f"  sizing    {where} {gpus}{self.encode_num_cpus:g} CPU, "
             f"{self.torch_threads} thread(s); decode tasks {self.decode_num_cpus:g} CPU, "
             f"{self.decode_slots:g} at once, {self.decode_rows_per_task} video(s) each{share}"
         )
@@ -138,6 +167,7 @@ def size_tagging(
     videos: int,
     encode_share: float | None = None,
     decode_s: float | None = None,
+    in_driver: bool = False,
 ) -> TagSizing:
     """Fill the fields of `tag` left to the job (None) for a cluster of `cpus` CPUs.
 
@@ -145,7 +175,8 @@ def size_tagging(
     encode actors hold the share of the cores that encoding takes (`encode_share`, measured;
     at least 0.01 CPU, at most all but one core between them) and as many threads; decode
     tasks are sized so that one per core fits in the rest, so every core the encoder does
-    not use decodes. Fields set in the config are kept as they are.
+    not use decodes (`in_driver`: the driver encodes, in the same share). Fields set in the
+    config are kept as they are.
 
     Each decode task takes a few of the `videos`: at least 4 tasks per slot, so every slot has
     work from the start and the first batch comes early; and about DECODE_TASK_S of decoding
@@ -171,7 +202,7 @@ def size_tagging(
     else:
         cap = min(tag.batch_size, MAX_DECODE_ROWS_PER_TASK)
     rows = max(1, min(per_task, cap))
-    return TagSizing(encode_num_gpus, encode, threads, decode, slots, rows, encode_share)
+    return TagSizing(encode_num_gpus, encode, threads, decode, slots, rows, encode_share, in_driver)
 
 
 def _ceil(x: float) -> float:

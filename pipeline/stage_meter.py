@@ -78,10 +78,9 @@ class StageTotals:
     last_batch_at: float | None = None
 
 
-@ray.remote(num_cpus=0)
-class StageMeter:
-    """Collects what the encode actors report: their start-up, then one call per batch.
-    Start it with `start_meter` (on the driver's node)."""
+class StageRecorder:
+    """Collects what the encoder reports: its start-up, then one call per batch. In the driver
+    as it is (tag.encode_in driver); shared by the encode actors as a `StageMeter`."""
 
     def __init__(self):
         self.totals = StageTotals()
@@ -104,6 +103,9 @@ class StageMeter:
         return self.totals
 
 
+StageMeter = ray.remote(num_cpus=0)(StageRecorder)
+
+
 def start_meter() -> ray.actor.ActorHandle:
     """A StageMeter on the driver's node."""
     from pipeline.resources import on_driver_node  # driver only: decode workers skip torch
@@ -118,13 +120,14 @@ class StageReport:
     decode_busy_s: float
     decode_slots: float  # decode tasks the cluster runs at once
     encode_busy_s: float
-    encode_actors: int
+    encode_actors: int  # 1 for the driver (tag.encode_in)
     encode_device: str
     clips: int = 0  # clips the encoder saw (one per video, or one per segment)
     model_load_s: float = 0.0
     first_batch_s: float = 0.0  # from the plan's start to the first encoded batch
     first_batch_videos: int = 0
     steady_s: float = 0.0  # from the first encoded batch to the last
+    in_driver: bool = False
 
     @property
     def videos_per_s(self) -> float:
@@ -160,25 +163,29 @@ class StageReport:
         per_video = self.decode_busy_s / self.videos if self.videos else 0.0
         clips = self.clips or self.videos
         per_clip = self.encode_busy_s / clips if clips else 0.0
+        encoders = "the driver" if self.in_driver else f"{self.encode_actors} actor(s)"
+        loaded = (
+            ""
+            if self.in_driver
+            else f" (encode actors' model and labels {self.model_load_s:.1f} s)"
+        )
         return [
-            f"  start     first batch after {self.first_batch_s:.1f} s (encode actors' model "
-            f"and labels {self.model_load_s:.1f} s); then {self.steady_videos_per_s:.2f} "
-            f"videos/s steady",
+            f"  start     first batch after {self.first_batch_s:.1f} s{loaded}; then "
+            f"{self.steady_videos_per_s:.2f} videos/s steady",
             f"  decode    {self.videos_per_s:.2f} videos/s achieved; busy "
             f"{self.decode_busy_s:.1f} task-s ({per_video:.3f} s per video); "
             f"capacity {self.decode_capacity:.2f} videos/s on {self.decode_slots:g} slots",
             f"  encode    {self.encode_device}: busy {self.encode_busy_s:.1f} s "
             f"({per_clip * 1000:.1f} ms per clip); capacity {self.encode_capacity:.2f} clips/s "
-            f"on {self.encode_actors} actor(s)",
+            f"in {encoders}",
             f"  bottleneck {self.bottleneck}",
         ]
 
 
 def stage_report(
-    meter: ray.actor.ActorHandle, started_at: float, slots: float, encode_actors: int
+    totals: StageTotals, started_at: float, slots: float, encode_actors: int, in_driver: bool
 ) -> StageReport:
     """The report of a plan started at `started_at` (time.time()) and finished now."""
-    totals: StageTotals = ray.get(meter.get.remote())
     now = time.time()
     first = totals.first_batch_at or now
     return StageReport(
@@ -194,4 +201,5 @@ def stage_report(
         first_batch_s=first - started_at,
         first_batch_videos=totals.first_batch_videos,
         steady_s=(totals.last_batch_at or first) - first,
+        in_driver=in_driver,
     )

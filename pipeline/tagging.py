@@ -8,7 +8,8 @@
                          GPU + bf16 autocast by tag.device; uint8 clips go
                          to the device from pinned memory and are preprocessed there)
     CPUs per stage: `size_stages` times both stages on two videos on the driver; on a CPU node
-    the encode actors then hold the share of the cores encoding takes, decode the rest.
+    the encode actors then hold the share of the cores encoding takes, decode the rest. On CPU
+    on a lone node (tag.encode_in) one VideoTagger runs in the driver instead, on its model.
     re-score:
       stored rows -> rescore_batch (Ray tasks: stored embedding x label bank, no decode)
     With tag.segment_s > 0 each video is S windows (`ovml_core.video.segment_windows`) of one
@@ -67,6 +68,7 @@ from pipeline.resources import (
     WRITE_NUM_CPUS,
     TagSizing,
     actor_device,
+    encode_in_driver,
     gpus_per_actor,
     init_ray,
     max_cluster_resources,
@@ -82,6 +84,7 @@ from pipeline.segments import (
 from pipeline.stage_meter import (
     COST_PROBE_VIDEOS,
     StageCosts,
+    StageRecorder,
     StageReport,
     decode_video_timed,
     measure_stage_costs,
@@ -213,7 +216,8 @@ class ScoreHead:
 
 
 class VideoTagger:
-    """Encode + score for `map_batches`: one instance per actor, model and labels loaded once."""
+    """Encode + score for `map_batches`: one instance per actor, model and labels loaded once;
+    or one in the driver (tag.encode_in), given the driver's `model`."""
 
     def __init__(
         self,
@@ -224,14 +228,15 @@ class VideoTagger:
         run_id: str,
         tag: TagConfig,
         num_gpus: float = 0.0,
-        meter: ray.actor.ActorHandle | None = None,
+        meter: ray.actor.ActorHandle | StageRecorder | None = None,
         torch_threads: int = 1,
+        model: OVMLModel | None = None,
     ):
         started = time.perf_counter()
         # Ray sets OMP_NUM_THREADS per worker; torch's own pool is sized here, explicitly.
         torch.set_num_threads(torch_threads)
         self.device = actor_device(num_gpus)
-        self.model = source.load(self.device)
+        self.model = source.load(self.device) if model is None else model
         actual = model_fingerprint(self.model)
         if actual != fingerprint:
             raise RuntimeError(
@@ -248,8 +253,16 @@ class VideoTagger:
         if tag.compile:
             # In place: parameter names, and so the fingerprint, stay the eager model's.
             self.model.visual.compile(dynamic=False)
-        if meter is not None:
-            meter.loaded.remote(time.perf_counter() - started)
+        self._record("loaded", time.perf_counter() - started)
+
+    def _record(self, what: str, *args) -> None:
+        """Report to the meter: a call in the driver, a waited-for actor call in an actor (~1 ms
+        a batch: the driver reads the totals once the last batch has returned, and a call still
+        in flight when the pool is torn down would be lost)."""
+        if isinstance(self.meter, StageRecorder):
+            getattr(self.meter, what)(*args)
+        elif self.meter is not None:
+            ray.get(getattr(self.meter, what).remote(*args))
 
     def _autocast(self):
         if self.device == "cuda":
@@ -283,18 +296,8 @@ class VideoTagger:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         started = time.perf_counter()
         table, clips = self._tag(batch)
-        if self.meter is not None:
-            # Waited for (~1 ms a batch): the driver reads the totals once the last batch has
-            # returned, and a call still in flight when the pool is torn down would be lost.
-            ray.get(
-                self.meter.add.remote(
-                    len(table),
-                    clips,
-                    float(np.sum(batch["decode_s"])),
-                    time.perf_counter() - started,
-                    self.device,
-                )
-            )
+        decode_s = float(np.sum(batch["decode_s"]))
+        self._record("add", len(table), clips, decode_s, time.perf_counter() - started, self.device)
         return table
 
     def _tag(self, batch: dict[str, np.ndarray]) -> tuple[pa.Table, int]:
@@ -547,25 +550,16 @@ def build_rescore_plan(
     )
 
 
-def build_plan(
+def decode_plan(
     pending: pa.Table,
     cfg: Config,
-    source: ModelSource,
-    bank: LabelBank,
-    *,
-    fingerprint: str,
-    vocabulary_fingerprint: str,
-    run_id: str,
     image_size: int,
     sizing: TagSizing,
     filesystems: Filesystems | None = None,
-    meter: ray.actor.ActorHandle | None = None,
 ) -> ray.data.Dataset:
-    """The lazy Dataset of tag rows for `pending` (video_id, uri, source_size, source_mtime),
-    its stages sized by `sizing`; the encode actors report their batches to `meter` (a
-    `StageMeter`) when given."""
-    tag = cfg.tag
-    decoded = (
+    """The lazy Dataset of decoded rows of `pending` (video_id, uri, source_size,
+    source_mtime): frames, decode_s and the decode columns, in decode tasks sized by `sizing`."""
+    return (
         ray.data.from_arrow(pending.select(["video_id", *SOURCE_COLUMNS]))
         # A few videos per decode task (sizing): every slot busy early; batches span tasks.
         .repartition(target_num_rows_per_block=sizing.decode_rows_per_task)
@@ -579,27 +573,27 @@ def build_plan(
             max_calls=DECODE_TASKS_PER_WORKER,
         )
     )
+
+
+def encode_batch_rows(tag: TagConfig, sizing: TagSizing) -> int:
+    """Rows per encoder call: a decode task's worth when that is more than one forward pass
+    (the encoder runs tag.batch_size clips per pass): Ray Data's cost per call (tens of ms on
+    a busy CPU) dominated cheap clips at 4 rows a call."""
+    return max(tag.batch_size, sizing.decode_rows_per_task)
+
+
+def build_plan(
+    decoded: ray.data.Dataset, tagger: dict, sizing: TagSizing, tag: TagConfig
+) -> ray.data.Dataset:
+    """`decoded` -> tag rows in a pool of encode actors, each a `VideoTagger(**tagger)`."""
     num_gpus = sizing.encode_num_gpus
     return decoded.map_batches(
         VideoTagger,
-        fn_constructor_kwargs={
-            "num_gpus": num_gpus,
-            "torch_threads": sizing.torch_threads,
-            "source": source,
-            "bank": bank,
-            "fingerprint": fingerprint,
-            "vocabulary_fingerprint": vocabulary_fingerprint,
-            "run_id": run_id,
-            "tag": tag,
-            "meter": meter,
-        },
+        fn_constructor_kwargs={**tagger, "num_gpus": num_gpus},
         compute=ray.data.ActorPoolStrategy(
             min_size=tag.encode_actors_min or tag.encode_actors, max_size=tag.encode_actors
         ),
-        # Rows per call: a decode task's worth when that is more than one forward pass
-        # (the actor runs tag.batch_size clips per pass): Ray Data's cost per call (tens of
-        # ms on a busy CPU) dominated cheap clips at 4 rows a call.
-        batch_size=max(tag.batch_size, sizing.decode_rows_per_task),
+        batch_size=encode_batch_rows(tag, sizing),
         batch_format="numpy",
         num_cpus=sizing.encode_num_cpus,
         num_gpus=num_gpus,
@@ -636,7 +630,8 @@ def size_stages(
         rows = encode.slice(0, COST_PROBE_VIDEOS).to_pylist()
         costs = measure_stage_costs(rows, lambda n: clip_encode_s(facts.model, n), **kwargs)
     share, decode_s = (costs.encode_share, costs.decode_s) if costs else (None, None)
-    sizing = size_tagging(tag, cpus, num_gpus, encode.num_rows, share, decode_s)
+    in_driver = encode_in_driver(tag, num_gpus)
+    sizing = size_tagging(tag, cpus, num_gpus, encode.num_rows, share, decode_s, in_driver)
     logger.info("%s%s", sizing.format_line().strip(), _costs_text(costs))
     return sizing
 
@@ -840,32 +835,50 @@ def run_tagging(
         summary.rescored = _write(plan, summary, schema, tag, filesystems).num_rows
     if encode.num_rows:
         clock = time.perf_counter()
-        summary.sizing = size_stages(cfg, facts, encode, filesystems)
+        sizing = summary.sizing = size_stages(cfg, facts, encode, filesystems)
         summary.startup["stage sizing"] = time.perf_counter() - clock
-        meter = start_meter()
         encode_started = time.time()
-        plan = build_plan(
-            encode,
-            cfg,
-            source,
-            bank,
-            fingerprint=facts.fingerprint,
-            vocabulary_fingerprint=vocabulary,
-            run_id=summary.run_id,
-            image_size=facts.image_size,
-            sizing=summary.sizing,
-            filesystems=filesystems,
-            meter=meter,
+        decoded = decode_plan(encode, cfg, facts.image_size, sizing, filesystems)
+        tagger = {
+            "source": source,
+            "bank": bank,
+            "fingerprint": facts.fingerprint,
+            "vocabulary_fingerprint": vocabulary,
+            "run_id": summary.run_id,
+            "tag": tag,
+            "torch_threads": sizing.torch_threads,
+        }
+        if sizing.encode_in_driver:
+            recorder = StageRecorder()
+            written = _tag_in_driver(decoded, tagger, facts.model, recorder, summary, schema)
+            totals = recorder.get()
+        else:
+            meter = start_meter()
+            plan = build_plan(decoded, {**tagger, "meter": meter}, sizing, tag)
+            written = _write(plan, summary, schema, tag, filesystems)
+            totals = ray.get(meter.get.remote())
+        encoders = 1 if sizing.encode_in_driver else tag.encode_actors
+        summary.stages = stage_report(
+            totals, encode_started, sizing.decode_slots, encoders, sizing.encode_in_driver
         )
-        written = _write(plan, summary, schema, tag, filesystems)
-        slots = summary.sizing.decode_slots
-        summary.stages = stage_report(meter, encode_started, slots, tag.encode_actors)
         _count_encoded(summary, written)
     summary.seconds = time.perf_counter() - started
     logger.info("wrote %d part files to %s", len(summary.parts), out)
     if summary.processed != encode.num_rows:
         logger.error("%d videos to encode, but %d rows written", encode.num_rows, summary.processed)
     return summary
+
+
+def _sink(
+    summary: TagSummary, schema: pa.Schema, tag: TagConfig, filesystems: Filesystems | None
+) -> PartFileDatasink:
+    return PartFileDatasink(
+        summary.out,
+        summary.run_id,
+        schema,
+        rows_per_file=tag.rows_per_file,
+        filesystems=filesystems,
+    )
 
 
 def _write(
@@ -876,20 +889,54 @@ def _write(
     filesystems: Filesystems | None,
 ) -> pa.Table:
     """Run `plan` into part files of this run; (video_id, error) of the rows committed."""
-    sink = PartFileDatasink(
-        summary.out,
-        summary.run_id,
-        schema,
-        rows_per_file=tag.rows_per_file,
-        filesystems=filesystems,
-    )
+    sink = _sink(summary, schema, tag, filesystems)
     # Stalled for tag.no_progress_timeout_s: Ray Data stops the plan and NoProgressError rises.
     what = "the tagging plan (decode, encode, part-file writes)"
     watch_plan(plan, "tag.no_progress_timeout_s", tag.no_progress_timeout_s, what)
     plan.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_NUM_CPUS})
-    summary.parts += sink.written
+    return _committed(summary, sink.written, filesystems)
+
+
+def _tag_in_driver(
+    decoded: ray.data.Dataset,
+    tagger: dict,
+    model: OVMLModel,
+    recorder: StageRecorder,
+    summary: TagSummary,
+    schema: pa.Schema,
+) -> pa.Table:
+    """Encode and score `decoded` in this process with its `model` (tag.encode_in), writing
+    part files of tag.rows_per_file rows as they fill, as the write tasks would; (video_id,
+    error) of the rows committed."""
+    tag, filesystems = tagger["tag"], tagger["source"].filesystems
+    sink = _sink(summary, schema, tag, filesystems)
+    what = "the tagging plan (decode; encode and part-file writes in the driver)"
+    watch_plan(decoded, "tag.no_progress_timeout_s", tag.no_progress_timeout_s, what)
+    threads = torch.get_num_threads()  # the tagger sizes this process's pool; restored after
+    try:
+        encode = VideoTagger(**tagger, meter=recorder, model=model)
+        sink.on_write_start()
+        buffered, paths = [], []
+        batches = decoded.iter_batches(
+            batch_size=encode_batch_rows(tag, summary.sizing), batch_format="numpy"
+        )
+        for batch in batches:
+            buffered.append(encode(batch))
+            if sum(t.num_rows for t in buffered) >= tag.rows_per_file:
+                paths.append(sink.write_table(pa.concat_tables(buffered), len(paths)))
+                buffered = []
+        if buffered:
+            paths.append(sink.write_table(pa.concat_tables(buffered), len(paths)))
+    finally:
+        torch.set_num_threads(threads)
+    return _committed(summary, paths, filesystems)
+
+
+def _committed(summary: TagSummary, paths: list[str], filesystems: Filesystems | None) -> pa.Table:
+    """(video_id, error) of the rows in this run's part files `paths`, now counted in it."""
+    summary.parts += sorted(paths)
     fs, _ = resolve(summary.out, filesystems)
-    written = read_parts(fs, sink.written, ["video_id", "error"])
+    written = read_parts(fs, sorted(paths), ["video_id", "error"])
     return written if written is not None else pa.table({"video_id": [], "error": []})
 
 

@@ -296,7 +296,8 @@ def test_killed_encode_actor_is_restarted_and_no_row_is_lost(
     videos = {f"v{i:02d}": hostile["yuv444"][0] for i in range(40)}
     manifest = _manifest(tmp_path / "many.parquet", videos)
     out = tmp_path / "tags"
-    one_by_one = Config.from_yaml(TINY_CONFIG, ["tag.batch_size=1", "tag.rows_per_file=1"])
+    settings = ["tag.batch_size=1", "tag.rows_per_file=1", "tag.encode_in=actors"]
+    one_by_one = Config.from_yaml(TINY_CONFIG, settings)
     killed: dict = {}
     finished = threading.Event()
     earlier = set(_map_workers("VideoTagger"))  # actors of earlier runs in this Ray instance

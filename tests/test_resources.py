@@ -11,7 +11,12 @@ from ray.core.generated import autoscaler_pb2
 from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
 
 from ovml_core.config import Config, ConfigError
-from pipeline.resources import actor_device, gpus_per_actor, max_cluster_resources
+from pipeline.resources import (
+    actor_device,
+    encode_in_driver,
+    gpus_per_actor,
+    max_cluster_resources,
+)
 
 NAMESPACE = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
 CONFIG_KEY = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY
@@ -54,6 +59,28 @@ def test_cuda_and_cpu_do_not_ask_the_cluster(cpu_cluster, gpu_node_group):
     assert gpus_per_actor("cuda", None, "tag") == 1.0  # waits for GPU nodes, never CPU
     assert gpus_per_actor("cuda", 0.25, "tag") == 0.25
     assert gpus_per_actor("cpu", None, "tag") == 0.0  # even though GPUs can be added
+
+
+def test_auto_encodes_in_the_driver_only_on_cpu_with_one_actor_on_a_lone_node(cpu_cluster):
+    assert encode_in_driver(_tag(), 0.0)  # this local one-node cluster, no autoscaler
+    assert not encode_in_driver(_tag(), 1.0)  # GPUs: encode actors own them
+    assert not encode_in_driver(_tag(encode_actors=2), 0.0)
+    assert not encode_in_driver(_tag(encode_actors=2, encode_actors_min=1), 0.0)
+    assert not encode_in_driver(_tag(encode_in="actors"), 0.0)
+    assert encode_in_driver(_tag(encode_in="driver", encode_actors=2), 0.0)
+
+
+def test_auto_keeps_encode_actors_where_an_autoscaler_can_add_nodes(gpu_node_group):
+    # Even encoding on CPU: the cluster may grow, and the driver's node is one of many.
+    assert not encode_in_driver(_tag(device="cpu"), 0.0)
+    assert encode_in_driver(_tag(device="cpu", encode_in="driver"), 0.0)
+
+
+def test_encode_in_is_checked():
+    with pytest.raises(ConfigError, match="tag.encode_in"):
+        _tag(encode_in="gpu")
+    with pytest.raises(ConfigError, match="tag.encode_in: 'driver' encodes on the job's CPU"):
+        _tag(encode_in="driver", device="cuda")
 
 
 def test_an_actor_given_gpus_uses_cuda_or_fails_loudly():

@@ -329,18 +329,20 @@ def test_every_video_yields_one_row_tagged_or_errored(first_run, videos, tiny_ta
     summary, _, out = first_run
     good, broken = videos
     assert (summary.ok, summary.errored, summary.skipped) == (len(good), len(broken), 0)
-    # Sized for this CPU-only node (2 CPUs): the tiny encoder takes a small measured share, so
-    # its actor holds little CPU and one decode task per core fits beside it.
+    # Sized for this CPU-only node (2 CPUs): the tiny encoder takes a small measured share,
+    # which the driver (one local node, CPU: tag.encode_in auto) keeps for encoding, and one
+    # decode task per core fits beside it.
     sizing = summary.sizing
     assert sizing.encode_num_gpus == 0 and sizing.encode_share is not None
     assert 0 < sizing.encode_num_cpus <= 1.0 and sizing.torch_threads >= 1
-    assert sizing.decode_slots == 2
+    assert sizing.decode_slots == 2 and sizing.encode_in_driver
     assert set(summary.startup) == {"inputs, model and labels", "ray start", "stage sizing"}
     stages = summary.stages
     assert (stages.videos, stages.clips) == (len(good) + len(broken), len(good))  # clips: ok rows
-    assert 0 < stages.first_batch_s <= stages.wall_s and stages.model_load_s > 0
+    assert 0 < stages.first_batch_s <= stages.wall_s and stages.in_driver
     text = summary.format()
-    assert "sizing    encode actor" in text and "first batch after" in text
+    assert "sizing    encode in the driver" in text and "first batch after" in text
+    assert len(summary.parts) == -(-(len(good) + len(broken)) // cfg.tag.rows_per_file)
     tags = read_tags(str(out))
     model, fingerprint = tiny_tagger
     label_emb = model.encode_labels(LABELS)
@@ -382,6 +384,28 @@ def test_every_video_yields_one_row_tagged_or_errored(first_run, videos, tiny_ta
         np.testing.assert_allclose([g[1] for g in got], [e[1] for e in expected], atol=1e-4)
     all_tags = [len(rows[v]["tags"]) for v in good]
     assert 0 < sum(all_tags) < len(good) * len(LABELS), "threshold never bites"
+
+
+@pytest.mark.slow
+def test_an_encode_actor_pool_writes_what_the_driver_wrote(first_run, labels_file, tmp_path):
+    """tag.encode_in=actors, the path of clusters that can grow or have GPUs: the same rows."""
+    summary, manifest, out = first_run
+    actors = Config.from_yaml(TINY_CONFIG, [*OVERRIDES, "tag.encode_in=actors"])
+    pooled = run_tagging(actors, manifest, str(tmp_path / "tags"), labels=labels_file)
+    assert not pooled.sizing.encode_in_driver and pooled.stages.model_load_s > 0
+    assert "sizing    encode actor" in pooled.format()
+    assert (pooled.ok, pooled.errored) == (summary.ok, summary.errored)
+    ours, theirs = (
+        {r["video_id"]: r for r in read_tags(str(o)).drop_columns(["run_id"]).to_pylist()}
+        for o in (out, tmp_path / "tags")
+    )
+    assert ours.keys() == theirs.keys()
+    for video_id, row in ours.items():
+        other = theirs[video_id]
+        assert [t["label"] for t in row["tags"] or []] == [t["label"] for t in other["tags"] or []]
+        if row["embedding"] is not None:
+            np.testing.assert_allclose(row["embedding"], other["embedding"], atol=1e-3)
+        assert row["error"] == other["error"], video_id
 
 
 @pytest.mark.slow
