@@ -15,6 +15,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import pyarrow as pa
 import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -203,6 +204,14 @@ def size_tagging(
         cap = min(tag.batch_size, MAX_DECODE_ROWS_PER_TASK)
     rows = max(1, min(per_task, cap))
     return TagSizing(encode_num_gpus, encode, threads, decode, slots, rows, encode_share, in_driver)
+
+
+def task_blocks(rows: pa.Table, rows_per_task: int) -> ray.data.Dataset:
+    """`rows` as a Dataset of blocks of `rows_per_task` rows, one map task each, cut here on
+    the driver: a repartition would be a task of its own (a whole CPU) that every decode task
+    waits for, at the start of a run when workers are still starting."""
+    blocks = [rows.slice(i, rows_per_task) for i in range(0, rows.num_rows, rows_per_task)]
+    return ray.data.from_arrow(blocks or [rows])
 
 
 def _ceil(x: float) -> float:

@@ -73,6 +73,7 @@ from pipeline.resources import (
     init_ray,
     max_cluster_resources,
     size_tagging,
+    task_blocks,
 )
 from pipeline.segments import (
     max_per_video,
@@ -559,19 +560,16 @@ def decode_plan(
 ) -> ray.data.Dataset:
     """The lazy Dataset of decoded rows of `pending` (video_id, uri, source_size,
     source_mtime): frames, decode_s and the decode columns, in decode tasks sized by `sizing`."""
-    return (
-        ray.data.from_arrow(pending.select(["video_id", *SOURCE_COLUMNS]))
-        # A few videos per decode task (sizing): every slot busy early; batches span tasks.
-        .repartition(target_num_rows_per_block=sizing.decode_rows_per_task)
-        .map(
-            decode_video_timed,
-            fn_kwargs=decode_kwargs(cfg, image_size, filesystems),
-            num_cpus=sizing.decode_num_cpus,
-            # Fresh decode workers now and then bound what FFmpeg may leak on untrusted input.
-            # The differing remote args also keep Ray Data from fusing decode into the actor
-            # stage (ray-project/ray#54433), which would cap decode parallelism at the actor count.
-            max_calls=DECODE_TASKS_PER_WORKER,
-        )
+    # A few videos per decode task (sizing): every slot busy early; batches span tasks.
+    rows = pending.select(["video_id", *SOURCE_COLUMNS])
+    return task_blocks(rows, sizing.decode_rows_per_task).map(
+        decode_video_timed,
+        fn_kwargs=decode_kwargs(cfg, image_size, filesystems),
+        num_cpus=sizing.decode_num_cpus,
+        # Fresh decode workers now and then bound what FFmpeg may leak on untrusted input.
+        # The differing remote args also keep Ray Data from fusing decode into the actor
+        # stage (ray-project/ray#54433), which would cap decode parallelism at the actor count.
+        max_calls=DECODE_TASKS_PER_WORKER,
     )
 
 

@@ -22,7 +22,7 @@ import ray
 from ovml_core.config import Config, ConfigError
 from pipeline.decode import decode_video
 from pipeline.manifest import read_manifest
-from pipeline.resources import training_decode_cpus
+from pipeline.resources import task_blocks, training_decode_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +109,8 @@ def labeled_examples(
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(rows.num_rows)
         rows = rows.take(pa.array(order))
-    ds = ray.data.from_arrow(rows.select(["video_id", "uri", "labels"]))
     # About one decode task per training batch keeps the decode CPUs busy.
-    ds = ds.repartition(target_num_rows_per_block=cfg.train.batch_size)
+    ds = task_blocks(rows.select(["video_id", "uri", "labels"]), cfg.train.batch_size)
     if shuffle_seed is not None:
         ds = ds.randomize_block_order()  # a new block order every epoch
     return (
