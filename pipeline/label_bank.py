@@ -32,7 +32,7 @@ from pipeline.cli import EXIT_OK, job_parser, run_job
 from pipeline.manifest import Filesystems, resolve
 from pipeline.parquet_io import label_bank_schema, write_parquet_atomic
 from pipeline.progress import watch_plan
-from pipeline.resources import actor_device, gpus_per_actor
+from pipeline.resources import actor_device, gpus_per_actor, task_blocks
 from pipeline.tagging import ModelSource
 
 logger = logging.getLogger(__name__)
@@ -139,9 +139,9 @@ def compute_rows(
     settings = cfg.label_bank
     size = settings.batch_size
     # One block per batch, so the pool's actors share the work.
-    blocks = [pa.table({"label": labels[i : i + size]}) for i in range(0, len(labels), size)]
+    blocks = task_blocks(pa.table({"label": pa.array(labels, pa.string())}), size)
     num_gpus = gpus_per_actor(settings.device, settings.num_gpus, "label_bank")
-    rows = ray.data.from_arrow(blocks).map_batches(
+    rows = blocks.map_batches(
         LabelBankActor,
         fn_constructor_kwargs={
             "source": source,
@@ -152,7 +152,7 @@ def compute_rows(
         batch_size=size,
         batch_format="pyarrow",
         # No more actors than batches: each actor loads a whole model.
-        compute=ray.data.ActorPoolStrategy(size=min(settings.actors, len(blocks))),
+        compute=ray.data.ActorPoolStrategy(size=min(settings.actors, blocks.num_blocks())),
         num_cpus=settings.num_cpus,
         num_gpus=num_gpus,
     )

@@ -209,9 +209,11 @@ def size_tagging(
 def task_blocks(rows: pa.Table, rows_per_task: int) -> ray.data.Dataset:
     """`rows` as a Dataset of blocks of `rows_per_task` rows, one map task each, cut here on
     the driver: a repartition would be a task of its own (a whole CPU) that every decode task
-    waits for, at the start of a run when workers are still starting."""
+    waits for, at the start of a run when workers are still starting. `from_blocks`, not
+    `from_arrow`: that one reads each block's metadata in a task of its own, which on a
+    cluster with no free CPU waits forever, before the plan and its no-progress watch start."""
     blocks = [rows.slice(i, rows_per_task) for i in range(0, rows.num_rows, rows_per_task)]
-    return ray.data.from_arrow(blocks or [rows])
+    return ray.data.from_blocks(blocks or [rows])
 
 
 def _ceil(x: float) -> float:

@@ -530,24 +530,20 @@ def build_rescore_plan(
 ) -> ray.data.Dataset:
     """The lazy Dataset of re-scored tag rows for stored `rows` (CPU tasks, no actors: the
     work is a [B, D] x [D, L] product per batch)."""
-    return (
-        ray.data.from_arrow(rows)
-        .repartition(target_num_rows_per_block=tag.rescore_batch_size)
-        .map_batches(
-            rescore_batch,
-            fn_kwargs={
-                "labels": pa.array(bank.labels, pa.string()),
-                "label_embeddings": np.ascontiguousarray(bank.embeddings, np.float32),
-                "head": head,
-                "vocabulary_fingerprint": vocabulary_fingerprint,
-                "run_id": run_id,
-                "tag": tag,
-                "schema": schema,
-            },
-            batch_size=tag.rescore_batch_size,
-            batch_format="pyarrow",
-            udf_modifying_row_count=False,
-        )
+    return task_blocks(rows, tag.rescore_batch_size).map_batches(
+        rescore_batch,
+        fn_kwargs={
+            "labels": pa.array(bank.labels, pa.string()),
+            "label_embeddings": np.ascontiguousarray(bank.embeddings, np.float32),
+            "head": head,
+            "vocabulary_fingerprint": vocabulary_fingerprint,
+            "run_id": run_id,
+            "tag": tag,
+            "schema": schema,
+        },
+        batch_size=tag.rescore_batch_size,
+        batch_format="pyarrow",
+        udf_modifying_row_count=False,
     )
 
 

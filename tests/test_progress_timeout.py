@@ -186,3 +186,34 @@ def test_healthy_training_with_the_timeout_set_is_unaffected(ray_local, square_c
     )
     result = run_training(cfg)
     assert result.metrics["step"] == 4  # 8 clips, one worker, batches of 2
+
+
+@pytest.mark.slow
+def test_tagging_encoding_in_the_driver_whose_decode_never_gets_a_cpu_fails_naming_the_field(
+    ray_local, tmp_path, capsys
+):
+    videos = {f"v{i}": write_indexed_video(tmp_path / f"v{i}.mp4", 8) for i in range(3)}
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(
+        pa.table({"video_id": list(videos), "uri": [str(p) for p in videos.values()]}), manifest
+    )
+    labels = tmp_path / "labels.txt"
+    labels.write_text("dog\ncat\n")
+    args = ["--config", str(TINY_CONFIG), "--manifest", str(manifest), "--out", str(tmp_path / "t")]
+    args += ["--labels", str(labels), "--set", "tag.device=cpu", "--set", "tag.encode_in=driver"]
+
+    other_work = _hold(ray_local, num_cpus=ray_local.cluster_resources()["CPU"])
+    started = time.monotonic()
+    code = tag_main([*args, "--set", f"tag.no_progress_timeout_s={TIMEOUT_S}"])
+    elapsed = time.monotonic() - started
+    error = capsys.readouterr().err
+    ray_local.kill(other_work)
+    assert code == EXIT_NO_PROGRESS, error
+    assert f"tag.no_progress_timeout_s={TIMEOUT_S}" in error and "in the driver" in error, error
+    assert TIMEOUT_S <= elapsed < TIMEOUT_S + MARGIN_S
+
+    # Once the CPUs are free, a rerun tags every video.
+    assert tag_main([*args, "--set", f"tag.no_progress_timeout_s={MARGIN_S}"]) == 0
+    tags = read_tags(str(tmp_path / "t"))
+    assert sorted(tags["video_id"].to_pylist()) == sorted(videos)
+    assert tags["error"].null_count == len(videos)
