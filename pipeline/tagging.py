@@ -910,20 +910,35 @@ def _tag_in_driver(
     try:
         encode = VideoTagger(**tagger, meter=recorder, model=model)
         sink.on_write_start()
-        buffered, paths = [], []
+        committed, buffered, rows = [], [], 0
         batches = decoded.iter_batches(
             batch_size=encode_batch_rows(tag, summary.sizing), batch_format="numpy"
         )
         for batch in batches:
             buffered.append(encode(batch))
-            if sum(t.num_rows for t in buffered) >= tag.rows_per_file:
-                paths.append(sink.write_table(pa.concat_tables(buffered), len(paths)))
-                buffered = []
+            rows += buffered[-1].num_rows
+            if rows >= tag.rows_per_file:
+                committed.append(_write_part(sink, buffered, len(committed), summary))
+                buffered, rows = [], 0
         if buffered:
-            paths.append(sink.write_table(pa.concat_tables(buffered), len(paths)))
+            committed.append(_write_part(sink, buffered, len(committed), summary))
     finally:
         torch.set_num_threads(threads)
-    return _committed(summary, paths, filesystems)
+    return pa.concat_tables(committed) if committed else _NOTHING_COMMITTED
+
+
+def _write_part(
+    sink: PartFileDatasink, tables: list[pa.Table], index: int, summary: TagSummary
+) -> pa.Table:
+    """Commit `tables` as this run's part file `index`; (video_id, error) of its rows."""
+    table = pa.concat_tables(tables)
+    summary.parts.append(sink.write_table(table, index))
+    return table.select(["video_id", "error"])
+
+
+_NOTHING_COMMITTED = pa.table(
+    {"video_id": pa.array([], pa.string()), "error": pa.array([], pa.string())}
+)
 
 
 def _committed(summary: TagSummary, paths: list[str], filesystems: Filesystems | None) -> pa.Table:
@@ -931,7 +946,7 @@ def _committed(summary: TagSummary, paths: list[str], filesystems: Filesystems |
     summary.parts += sorted(paths)
     fs, _ = resolve(summary.out, filesystems)
     written = read_parts(fs, sorted(paths), ["video_id", "error"])
-    return written if written is not None else pa.table({"video_id": [], "error": []})
+    return written if written is not None else _NOTHING_COMMITTED
 
 
 def _count_encoded(summary: TagSummary, written: pa.Table) -> None:
