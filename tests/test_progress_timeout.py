@@ -77,10 +77,9 @@ def test_the_timeout_is_validated_and_zero_means_off():
         assert getattr(off, section).no_progress_timeout_s == 0
 
 
-@pytest.mark.slow
-def test_tagging_that_never_gets_its_gpu_fails_naming_the_field_and_a_rerun_completes(
-    ray_local, tmp_path, capsys
-):
+def _tagging_job(tmp_path: Path) -> tuple[dict[str, Path], Path, list[str]]:
+    """Three short videos, their manifest and labels: the videos, the tags folder and the
+    tagging job's arguments."""
     videos = {f"v{i}": write_indexed_video(tmp_path / f"v{i}.mp4", 8) for i in range(3)}
     manifest = tmp_path / "manifest.parquet"
     pq.write_table(
@@ -90,7 +89,14 @@ def test_tagging_that_never_gets_its_gpu_fails_naming_the_field_and_a_rerun_comp
     labels.write_text("dog\ncat\n")
     out = tmp_path / "tags"
     args = ["--config", str(TINY_CONFIG), "--manifest", str(manifest), "--out", str(out)]
-    args += ["--labels", str(labels)]
+    return videos, out, [*args, "--labels", str(labels)]
+
+
+@pytest.mark.slow
+def test_tagging_that_never_gets_its_gpu_fails_naming_the_field_and_a_rerun_completes(
+    ray_local, tmp_path, capsys
+):
+    videos, out, args = _tagging_job(tmp_path)
 
     gpu_user = _hold(ray_local, num_gpus=1, num_cpus=0)
     started = time.monotonic()
@@ -192,15 +198,8 @@ def test_healthy_training_with_the_timeout_set_is_unaffected(ray_local, square_c
 def test_tagging_encoding_in_the_driver_whose_decode_never_gets_a_cpu_fails_naming_the_field(
     ray_local, tmp_path, capsys
 ):
-    videos = {f"v{i}": write_indexed_video(tmp_path / f"v{i}.mp4", 8) for i in range(3)}
-    manifest = tmp_path / "manifest.parquet"
-    pq.write_table(
-        pa.table({"video_id": list(videos), "uri": [str(p) for p in videos.values()]}), manifest
-    )
-    labels = tmp_path / "labels.txt"
-    labels.write_text("dog\ncat\n")
-    args = ["--config", str(TINY_CONFIG), "--manifest", str(manifest), "--out", str(tmp_path / "t")]
-    args += ["--labels", str(labels), "--set", "tag.device=cpu", "--set", "tag.encode_in=driver"]
+    videos, out, args = _tagging_job(tmp_path)
+    args += ["--set", "tag.device=cpu", "--set", "tag.encode_in=driver"]
 
     other_work = _hold(ray_local, num_cpus=ray_local.cluster_resources()["CPU"])
     started = time.monotonic()
@@ -214,6 +213,6 @@ def test_tagging_encoding_in_the_driver_whose_decode_never_gets_a_cpu_fails_nami
 
     # Once the CPUs are free, a rerun tags every video.
     assert tag_main([*args, "--set", f"tag.no_progress_timeout_s={MARGIN_S}"]) == 0
-    tags = read_tags(str(tmp_path / "t"))
+    tags = read_tags(str(out))
     assert sorted(tags["video_id"].to_pylist()) == sorted(videos)
     assert tags["error"].null_count == len(videos)
