@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ovml_core.config import Config, ConfigError, ModelConfig
+from ovml_core.folders import open_as_umask_allows, staging_folder
 from ovml_core.model import OVMLModel, create_model
 
 FORMAT_VERSION = 1
@@ -99,11 +99,10 @@ def save_checkpoint(model: OVMLModel, directory: str | Path) -> Path:
 
     What the LLM has generated for labels so far becomes stored first (part of the model)."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     if model.labels.cache is not None:
         model.labels.cache.store_generated()
     state = {k: v.detach().to("cpu").contiguous() for k, v in checkpoint_state(model).items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = staging_folder(directory)
     save_file(state, str(tmp / WEIGHTS_FILE))
     (tmp / LABELS_FILE).write_text(json.dumps(stored_label_outputs(model), indent=1))
     meta = {
@@ -115,6 +114,7 @@ def save_checkpoint(model: OVMLModel, directory: str | Path) -> Path:
         "files": {name: file_sha256(tmp / name) for name in (WEIGHTS_FILE, LABELS_FILE)},
     }
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    open_as_umask_allows(tmp)
     if directory.exists():
         old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
         directory.rename(old)

@@ -27,9 +27,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,6 +38,8 @@ from transformers import (
     GgufConfig,
     PreTrainedModel,
 )
+
+from ovml_core.folders import write_folder_once
 
 MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
 TINY_LLAMA = "tiny-llama"
@@ -324,7 +323,7 @@ def convert_gguf(gguf: Path) -> Path:
     if target.is_dir():
         return target
     _require_gguf_support()
-    return _write_atomically(target, write)
+    return write_folder_once(target, write)
 
 
 def tokenizer_folder(gguf: Path) -> Path:
@@ -341,7 +340,7 @@ def tokenizer_folder(gguf: Path) -> Path:
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
 
     _require_gguf_support()
-    return _write_atomically(target, write)
+    return write_folder_once(target, write)
 
 
 def _sha256(path: Path) -> str:
@@ -361,20 +360,3 @@ def _require_gguf_support() -> None:
             f"reading GGUF files needs the {' and '.join(missing)} package(s): "
             "pip install 'gguf>=0.10' 'accelerate>=1.0'"
         )
-
-
-def _write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
-    """Fill a temporary sibling folder, then rename it into place; if another process got
-    there first, keep theirs. Readers therefore only ever see complete folders."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        write(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target

@@ -18,14 +18,13 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
-import shutil
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from ovml_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
+from ovml_core.folders import write_folder_once
 from pipeline.manifest import Filesystems, resolve, uri_scheme
 
 CACHE_ENV = "OVML_CACHE_DIR"
@@ -88,10 +87,9 @@ def _cache_key(checkpoint: str, fs: pafs.FileSystem, infos: list[pafs.FileInfo])
 
 
 def _download(fs: pafs.FileSystem, infos: list[pafs.FileInfo], target: Path) -> None:
-    """Copy the files into a hidden folder next to `target`, then rename it to `target`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    """Copy the files into a folder written whole at `target`."""
+
+    def write(staging: Path) -> None:
         local = pafs.LocalFileSystem()
         for info in infos:
             pafs.copy_files(
@@ -100,10 +98,5 @@ def _download(fs: pafs.FileSystem, infos: list[pafs.FileInfo], target: Path) -> 
                 source_filesystem=fs,
                 destination_filesystem=local,
             )
-        try:
-            staging.rename(target)
-        except OSError:
-            if not target.is_dir():  # not a concurrent caller finishing first
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    write_folder_once(target, write)

@@ -14,7 +14,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ovml_core import llm as llm_module  # noqa: E402
 from ovml_core.llm import FrozenLLM, load_llm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,28 +233,6 @@ def test_bad_specs_fail_clearly(tmp_path):
         load_llm(str(tmp_path / "missing.gguf"))
     with pytest.raises(OSError, match="not a local folder and could not be loaded"):
         load_llm("ovml-test/no-such-llm")
-
-
-def test_cache_writes_are_atomic_and_survive_races(tmp_path):
-    target = tmp_path / "entry"
-
-    def other_process(folder):
-        (folder / "weights").write_text("theirs")
-
-    def this_process(folder):
-        (folder / "weights").write_text("ours")
-        llm_module._write_atomically(target, other_process)  # finishes first
-
-    assert llm_module._write_atomically(target, this_process) == target
-    assert (target / "weights").read_text() == "theirs"
-
-    def failing(folder):
-        (folder / "partial").write_text("half")
-        raise RuntimeError("conversion died")
-
-    with pytest.raises(RuntimeError, match="conversion died"):
-        llm_module._write_atomically(tmp_path / "broken", failing)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]  # no partial folders left
 
 
 @pytest.fixture(scope="session")
