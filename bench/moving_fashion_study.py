@@ -91,7 +91,7 @@ def command(run: Run, data: Path, out: Path) -> list[str]:
 
 
 class Scheduler:
-    """Runs at most `jobs` ablation invocations at once, each logged to --out/logs/<run>.log."""
+    """Runs at most `jobs` ablation invocations at once, each appending to --out/logs/<run>.log."""
 
     def __init__(self, data: Path, out: Path, jobs: int, total: int):
         self.data, self.out, self.jobs, self.total = data, out, jobs, total
@@ -105,7 +105,10 @@ class Scheduler:
     def start(self, run: Run) -> None:
         log = self.log(run)
         log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as stream:
+        # Appended: a resumed study must not replace a finished run's log with "reused".
+        with open(log, "a") as stream:
+            stream.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(run.overrides)}\n")
+            stream.flush()
             child = subprocess.Popen(
                 command(run, self.data, self.out), stdout=stream, stderr=subprocess.STDOUT
             )

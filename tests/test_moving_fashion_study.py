@@ -60,15 +60,20 @@ def test_full_runs_after_the_regularized_ones_with_the_val_choice(tmp_path, monk
     assert (out / "logs" / f"{full[0]['run']}.log").is_file()
 
 
-def test_a_failed_run_stops_the_study(tmp_path, monkeypatch):
+def test_a_failed_run_stops_the_study_and_a_rerun_keeps_its_log(tmp_path, monkeypatch):
     study = load_bench("moving_fashion_study")
-    monkeypatch.setattr(study, "command", lambda run, data, out: [sys.executable, "-c", "exit(3)"])
-    try:
-        study.run_study(tmp_path / "data", tmp_path / "out", jobs=2)
-    except RuntimeError as err:
-        assert "failed (3)" in str(err) and "distill-seed0" in str(err)
-    else:
-        raise AssertionError("a failed run went unnoticed")
+    died = [sys.executable, "-c", "print('died'); exit(3)"]
+    monkeypatch.setattr(study, "command", lambda run, data, out: died)
+    for _ in range(2):  # the first run and its rerun; one job, so distill-seed0 runs to its end
+        try:
+            study.run_study(tmp_path / "data", tmp_path / "out", jobs=1)
+        except RuntimeError as err:
+            assert "failed (3)" in str(err) and "distill-seed0" in str(err)
+        else:
+            raise AssertionError("a failed run went unnoticed")
+    log = (tmp_path / "out" / "logs" / "distill-seed0.log").read_text().splitlines()
+    assert [line.startswith("===") for line in log] == [True, False, True, False]
+    assert log[1] == log[3] == "died"
 
 
 def test_the_study_refuses_uncommitted_code(tmp_path, monkeypatch, capsys):
