@@ -13,14 +13,10 @@ from ovml_core.model import create_model
 
 @pytest.fixture()
 def umask():
-    """Set the process umask for one test (and restore it)."""
+    """`os.umask`, with the process umask restored after the test."""
     before = os.umask(0o022)
     os.umask(before)
-
-    def set_to(mask: int) -> None:
-        os.umask(mask)
-
-    yield set_to
+    yield os.umask
     os.umask(before)
 
 
