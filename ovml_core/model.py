@@ -108,7 +108,8 @@ def initial_scale_and_bias(cfg: ModelConfig, clip: open_clip.CLIP) -> tuple[floa
     if not cfg.init_scale_from_clip:
         return float(cfg.init_scale), float(cfg.init_bias)
     bias = getattr(clip, "logit_bias", None)
-    return float(clip.logit_scale), float(cfg.init_bias if bias is None else bias)
+    scale = clip.logit_scale.detach()  # a trainable parameter: read its value only
+    return float(scale), float(cfg.init_bias if bias is None else bias.detach())
 
 
 def create_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> OVMLModel:
