@@ -179,12 +179,17 @@ def test_training_loses_a_node_and_resumes_from_its_last_checkpoint(nodes, tmp_p
     clips = write_square_clips(tmp_path / "clips")
     cfg = _config(clips, tmp_path / "runs", "node-loss", max_failures=1)
     marker = tmp_path / "runs" / "node-loss" / "paused-on-node"
+    # Written by Ray Train's controller once it has registered a checkpoint. Its reports are
+    # collected asynchronously: remove the node before that and there is nothing to resume.
+    registered = tmp_path / "runs" / "node-loss" / "checkpoint_manager_snapshot.json"
 
     def the_node_of_the_paused_worker():
         node_id = marker.read_text() if marker.exists() else None
         if node_id and _worker_node_of(nodes, {node_id}) is None:
             pytest.fail("the paused worker runs on the head node, which is never removed")
-        return _worker_node_of(nodes, {node_id}) if node_id else None
+        if not (node_id and registered.exists()):
+            return None
+        return _worker_node_of(nodes, {node_id})
 
     with NodeRemover(nodes, the_node_of_the_paused_worker) as remover:
         result = build_trainer(cfg, train_loop=pause_once_loop).fit()
